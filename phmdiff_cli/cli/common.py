@@ -1,0 +1,78 @@
+"""What every command shares: the stderr console, error-to-exit-code mapping, JSON output on stdout."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from phmdiff_cli.errors import EXIT_INTERNAL, PhmdiffError
+
+__all__ = ["console", "state", "cli_command", "emit_json", "fail"]
+
+#: Logs, progress and errors go to stderr; data goes to stdout or files.
+console = Console(stderr=True, highlight=False)
+
+class _State:
+    """Options of the root command (``phmdiff --debug ...``)."""
+
+    debug: bool = bool(os.environ.get("PHMDIFF_DEBUG"))
+
+state = _State()
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+def fail(error: PhmdiffError) -> typer.Exit:
+    """Print ``Error: <file>: <problem>`` (+ hint) on stderr and return the Exit to raise."""
+    console.print(f"[bold red]Error:[/] {error.message}", soft_wrap=True, markup=True)
+    if error.hint:
+        console.print(f"[dim]Hint: {error.hint}[/]", soft_wrap=True)
+    return typer.Exit(error.exit_code)
+
+def cli_command(fn: F) -> F:
+    """Decorate a command: user errors become one line and exit code 2, anything else exit code 1; a
+    traceback only with ``--debug``."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except PhmdiffError as error:
+            if state.debug:
+                traceback.print_exc()
+            raise fail(error) from None
+        except KeyboardInterrupt:
+            console.print("Interrupted.")
+            raise typer.Exit(130) from None
+        except MemoryError:
+            if state.debug:
+                traceback.print_exc()
+            raise fail(
+                PhmdiffError("out of memory", hint="lower --batch-size", exit_code=EXIT_INTERNAL)
+            ) from None
+        except Exception as error:  # noqa: BLE001 - the last line of defence of a CLI
+            if state.debug:
+                traceback.print_exc()
+            raise fail(
+                PhmdiffError(
+                    f"internal error: {type(error).__name__}: {error}",
+                    hint="run again with --debug for the traceback and report it",
+                    exit_code=EXIT_INTERNAL,
+                )
+            ) from None
+
+    return wrapper  # type: ignore[return-value]
+
+def emit_json(obj: Any) -> None:
+    """Write one JSON document to stdout (for pipelines)."""
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    sys.stdout.flush()

@@ -1,0 +1,69 @@
+"""Atomic output: write to a temporary sibling, then rename, so a crash never leaves a half-written file."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from phmdiff_cli.errors import InputError
+
+__all__ = ["check_output", "atomic_path"]
+
+
+def check_output(path: str | Path, *, force: bool) -> Path:
+    """Validate an output path before any work: refuse to overwrite without ``force``, and check the parent
+    folder exists and is writable.
+
+    Raises:
+        InputError: the output exists (and ``force`` is false), or its folder is missing or not writable.
+    """
+    out = Path(path)
+    if out.exists() and not force:
+        raise InputError("output already exists", path=out, hint="pass --force to overwrite it")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError("output folder does not exist", path=parent, hint="create it first")
+    if not os.access(parent, os.W_OK):
+        raise InputError("output folder is not writable", path=parent)
+    return out
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, *, force: bool = False, directory: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it onto ``path``, on error delete it.
+
+    The temporary name keeps the final suffixes (``.nii.gz``) so writers that choose a format by extension work.
+    With ``directory=True`` the temporary path is an empty folder (for DICOM series).
+
+    Raises:
+        InputError: as :func:`check_output`.
+    """
+    out = check_output(path, force=force)
+    suffix = "".join(out.suffixes) if not directory else ""
+    parent = out.parent if str(out.parent) else Path(".")
+    if directory:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=f".tmp{suffix}", dir=parent)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+        if not directory:
+            # mkstemp creates 0600 files; give the output the permissions a plain open() would.
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
+        if out.is_dir() and not out.is_symlink():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
