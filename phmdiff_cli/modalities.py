@@ -7,7 +7,7 @@ from pathlib import Path
 
 from phmdiff_cli.errors import InputError
 
-__all__ = ["MODALITIES", "ALIASES", "canonical_modality", "modality_from_filename", "is_ct"]
+__all__ = ["MODALITIES", "ALIASES", "ABSENT_ID", "modality_id", "canonical_modality", "modality_from_filename", "is_ct"]
 
 #: Canonical names (BraTS 2023 spelling for the brain MRI contrasts).
 MODALITIES: dict[str, str] = {
@@ -19,6 +19,16 @@ MODALITIES: dict[str, str] = {
     "mr": "MRI of unspecified contrast (e.g. SynthRAD pelvis/brain MR)",
     "ct": "CT in Hounsfield units",
 }
+
+#: Embedding index of an empty source slot; modality ids start at 1 in the order of MODALITIES.
+ABSENT_ID = 0
+
+
+def modality_id(name: str) -> int:
+    """Embedding index of a canonical modality (1-based; 0 is :data:`ABSENT_ID`). Stable: append new modalities
+    at the end of :data:`MODALITIES`, never reorder, or shipped models change meaning."""
+    return list(MODALITIES).index(canonical_modality(name)) + 1
+
 
 ALIASES: dict[str, str] = {
     "t1": "t1n", "t1w": "t1n", "t1n": "t1n", "t1native": "t1n", "mprage": "t1n",
