@@ -1,0 +1,163 @@
+"""From image files to model-grid slices and back: one code path for training and synthesis.
+
+Forward (:func:`prepare_volume`): ``to_canonical`` (exact axis permutation/flip) -> intensity fit and map to
+the model range [-1, 1] -> in-plane resampling onto the model grid. Inverse (:func:`restore_volume`): model
+grid -> canonical grid -> file units -> the original voxel axes. A subject's images must share one grid
+(:func:`load_subject`), or be resampled onto the reference (target) image's grid on request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+
+from phmdiff_cli.data.grid import MODEL_BACKGROUND, GridTransform, ModelGrid, from_model_grid, to_model_grid
+from phmdiff_cli.data.layouts import MASK_KEY, Subject
+from phmdiff_cli.data.normalize import (
+    IntensityParams,
+    fit_intensity,
+    foreground_mask,
+    from_model_range,
+    to_model_range,
+)
+from phmdiff_cli.errors import InputError
+from phmdiff_cli.io import Volume, from_canonical, read_volume, to_canonical
+
+__all__ = ["Prepared", "prepare_volume", "restore_volume", "resample_onto", "load_subject"]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One volume on the model grid.
+
+    Attributes:
+        array: float32 ``(z, size, size)`` in the model range (axial slices of the canonical volume).
+        params: the intensity mapping (inverse: :func:`~phmdiff_cli.data.normalize.from_model_range`).
+        transform: the grid mapping (inverse: :func:`~phmdiff_cli.data.grid.from_model_grid`).
+        foreground: float32 ``(z,)``: fraction of each model-grid slice that is foreground (the mask's, if
+            given, else :func:`~phmdiff_cli.data.normalize.foreground_mask`'s), for slice sampling weights.
+    """
+
+    array: np.ndarray
+    params: IntensityParams
+    transform: GridTransform
+    foreground: np.ndarray
+
+
+def prepare_volume(
+    volume: Volume, grid: ModelGrid, *, modality: str | None = None, mask: Volume | None = None
+) -> Prepared:
+    """Map an image (as read, any orientation) onto the model grid in the model range.
+
+    Args:
+        volume: the image in file units (CT: HU).
+        grid: the model grid.
+        modality: canonical modality; default ``volume.modality``.
+        mask: optional body/brain mask on the same grid as ``volume``: intensities are fitted inside it and it
+            defines the foreground.
+
+    Raises:
+        InputError: the modality is unknown, or the mask is on another grid.
+    """
+    modality = modality or volume.modality
+    if modality is None:
+        raise InputError(
+            "cannot tell the image's modality",
+            path=volume.meta.get("path"),
+            hint="name the file by modality (e.g. ID-t1n.nii.gz) or pass the modality",
+        )
+    if mask is not None and not mask.same_grid(volume, tol=1e-3):
+        raise InputError(
+            "the mask is not on the image's grid",
+            path=mask.meta.get("path"),
+            hint=f"resample it onto {volume.meta.get('path', 'the image')}",
+        )
+    canonical = to_canonical(volume)
+    raw = canonical.array.astype(np.float32, copy=False)
+    fg = to_canonical(mask).array > 0 if mask is not None else foreground_mask(raw, modality)
+    params = fit_intensity(raw, modality, fg if mask is not None else None)
+    slices, transform = to_model_grid(
+        canonical.with_array(to_model_range(raw, params)), grid, background=MODEL_BACKGROUND
+    )
+    fg_grid, _ = to_model_grid(
+        canonical.with_array(fg.astype(np.float32)),
+        grid,
+        interpolator="nearest",
+        background=0.0,
+        warn_crop=False,
+    )
+    return Prepared(slices, params, transform, fg_grid.mean(axis=(1, 2), dtype=np.float32))
+
+
+def restore_volume(
+    slices: np.ndarray, params: IntensityParams, transform: GridTransform, reference: Volume
+) -> Volume:
+    """Inverse of :func:`prepare_volume`: model-grid slices in the model range -> ``reference``'s exact grid.
+
+    Args:
+        slices: ``(z, size, size)`` in the model range (e.g. a synthesized target).
+        params: intensity mapping to invert (for a synthesized MRI: the one chosen for the output scale).
+        transform: the grid transform of a volume prepared from ``reference``.
+        reference: the image as read (its grid, axes and metadata are the output's).
+
+    Returns:
+        float32 values in file units (CT: HU) on ``reference``'s grid; modality ``params.modality``.
+    """
+    canonical = from_model_range(from_model_grid(slices, transform), params)
+    grid_volume = to_canonical(reference).with_array(canonical, modality=params.modality)
+    return from_canonical(grid_volume, reference)
+
+
+def resample_onto(volume: Volume, reference: Volume, *, nearest: bool) -> Volume:
+    """``volume`` resampled onto ``reference``'s grid (linear, or nearest for masks); outside: its minimum."""
+    image = sitk.Cast(volume.to_sitk(), sitk.sitkFloat32)
+    interpolator = sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear
+    out = sitk.Resample(image, reference.to_sitk(), sitk.Transform(), interpolator, float(volume.array.min()))
+    meta = {**volume.meta, "resampled_onto": reference.meta.get("path")}
+    return Volume.from_sitk(out, modality=volume.modality, meta=meta)
+
+
+def load_subject(
+    subject: Subject, modalities: Sequence[str], *, reference: str, resample: bool = False
+) -> dict[str, Volume]:
+    """Read a subject's images (and its mask under :data:`~phmdiff_cli.data.layouts.MASK_KEY`) and check they
+    share one grid.
+
+    Args:
+        subject: the subject.
+        modalities: the modalities to read (all in ``subject.images``).
+        reference: the modality whose grid the others must match (the target of the pair).
+        resample: resample images (linear) and the mask (nearest) that are on another grid onto the
+            reference's, instead of refusing.
+
+    Raises:
+        InputError: grids differ and ``resample`` is false (naming both files), or a file cannot be read.
+    """
+    paths = {m: subject.images[m] for m in modalities}
+    if subject.mask is not None:
+        paths[MASK_KEY] = subject.mask
+    volumes = {key: read_volume(path) for key, path in paths.items()}
+    for key, volume in volumes.items():
+        volume.modality = None if key == MASK_KEY else key
+    ref = volumes[reference]
+    for key, volume in volumes.items():
+        if volume.same_grid(ref, tol=1e-3):
+            continue
+        if not resample:
+            raise InputError(
+                f"not on the grid of {paths[reference].name} (size {volume.size} vs {ref.size}, spacing "
+                f"{_fmt(volume.spacing)} vs {_fmt(ref.spacing)} mm, origin {_fmt(volume.origin)} vs "
+                f"{_fmt(ref.origin)} mm)",
+                path=paths[key],
+                hint=f"register the images, or let phmdiff resample them onto the {reference} grid "
+                "(--resample)",
+            )
+        volumes[key] = resample_onto(volume, ref, nearest=key == MASK_KEY)
+    return volumes
+
+
+def _fmt(values: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"

@@ -1,0 +1,77 @@
+"""``phmdiff models list`` and ``phmdiff models info``: output, JSON, exit codes and messages."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from model_store_helpers import CARD, write_model
+from typer.testing import CliRunner
+
+from phmdiff_cli.cli.app import app
+from phmdiff_cli.engine import hub
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty shipped weights/ folder and a $PHMDIFF_WEIGHTS folder; returns the latter."""
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    monkeypatch.setattr(hub, "SHIPPED_WEIGHTS", shipped)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    monkeypatch.setenv("PHMDIFF_WEIGHTS", str(mine))
+    monkeypatch.setenv("COLUMNS", "200")  # rich tables: room for every cell on one line
+    return mine
+
+
+def test_list_without_models_is_friendly(weights: Path) -> None:
+    result = runner.invoke(app, ["models", "list"])
+    assert result.exit_code == 0
+    assert "No models installed yet" in result.stderr and result.stdout == ""
+    result = runner.invoke(app, ["models", "list", "--json"])
+    assert result.exit_code == 0 and json.loads(result.stdout) == []
+
+
+def test_list_shows_each_model(weights: Path) -> None:
+    net = write_model(weights / "brain-tiny")
+    (weights / "broken").mkdir()
+    (weights / "broken" / "model.safetensors").write_bytes(b"junk")
+    result = runner.invoke(app, ["models", "list", "--json"])
+    assert result.exit_code == 0, result.output
+    good, broken = json.loads(result.stdout)
+    assert good["name"] == "brain-tiny" and good["pairs"] == CARD["pairs"]
+    assert good["params"] == sum(t.numel() for t in net.state_dict().values())
+    weights_file = weights / "brain-tiny" / "model.safetensors"
+    assert good["sha256"] == hashlib.sha256(weights_file.read_bytes()).hexdigest()
+    assert good["metrics"] == CARD["metrics"]
+    assert broken["name"] == "broken" and "config.json: model file missing" in broken["error"]
+
+    table = runner.invoke(app, ["models", "list"])
+    assert table.exit_code == 0
+    row = next(line for line in table.stdout.splitlines() if line.strip().startswith("brain-tiny"))
+    for cell in ("t1n->t2w, t1n->t2f", "64x64 @ 3.75x3.75 mm", good["sha256"][:12], "val/t1n->t2w/psnr=21.5"):
+        assert cell in row
+
+
+def test_info_prints_the_card(weights: Path) -> None:
+    write_model(weights / "brain-tiny")
+    result = runner.invoke(app, ["models", "info", "brain-tiny", "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["path"] == str(weights / "brain-tiny")
+    assert info["card"]["training"] == CARD["training"] and info["card"]["sha256"] == info["sha256"]
+    text = runner.invoke(app, ["models", "info", str(weights / "brain-tiny")])
+    assert text.exit_code == 0 and '"phmdiff-model"' in text.stdout and "t1n->t2f" in text.stdout
+
+
+def test_info_unknown_model_exits_2_with_the_available_names(weights: Path) -> None:
+    write_model(weights / "brain-tiny")
+    result = runner.invoke(app, ["models", "info", "brain-huge"])
+    assert result.exit_code == 2
+    assert "Error: model 'brain-huge' not found" in result.stderr
+    assert "available: brain-tiny" in result.stderr and "Traceback" not in result.output
