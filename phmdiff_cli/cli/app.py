@@ -7,7 +7,7 @@ import typer
 from phmdiff_cli import __version__
 from phmdiff_cli.cli import eval as eval_cmd
 from phmdiff_cli.cli import info, models, segment_augment, synthesize, train
-from phmdiff_cli.cli.common import state
+from phmdiff_cli.cli.common import setup_logging, state
 
 __all__ = ["app", "main"]
 
@@ -37,6 +37,7 @@ def root(
 ) -> None:
     """phmdiff: medical image synthesis from the images a patient already has."""
     state.debug = state.debug or debug
+    setup_logging()
 
 
 app.command("info")(info.info)

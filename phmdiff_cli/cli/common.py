@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import sys
 import traceback
@@ -15,7 +16,7 @@ from rich.console import Console
 
 from phmdiff_cli.errors import EXIT_INTERNAL, PhmdiffError
 
-__all__ = ["console", "state", "cli_command", "emit_json", "fail"]
+__all__ = ["console", "state", "cli_command", "emit_json", "fail", "setup_logging"]
 
 #: Logs, progress and errors go to stderr; data goes to stdout or files.
 console = Console(stderr=True, highlight=False)
@@ -28,6 +29,28 @@ class _State:
 state = _State()
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class _ConsoleHandler(logging.Handler):
+    """Library log records (``phmdiff_cli.*``) as ``Warning: ...`` lines on the stderr console."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        prefix = "[yellow]Warning:[/] " if record.levelno >= logging.WARNING else ""
+        console.print(prefix + record.getMessage().replace("[", "\\["), soft_wrap=True)
+
+
+def setup_logging() -> None:
+    """Route the package's logs (and Python warnings, e.g. a grid that crops foreground) to the console."""
+    logger = logging.getLogger("phmdiff_cli")
+    if not any(isinstance(h, _ConsoleHandler) for h in logger.handlers):
+        logger.addHandler(_ConsoleHandler())
+    logger.setLevel(logging.DEBUG if state.debug else logging.INFO)
+    logger.propagate = False
+    logging.captureWarnings(True)
+    warnings_logger = logging.getLogger("py.warnings")
+    if not any(isinstance(h, _ConsoleHandler) for h in warnings_logger.handlers):
+        warnings_logger.addHandler(_ConsoleHandler())
+    warnings_logger.propagate = False
 
 def fail(error: PhmdiffError) -> typer.Exit:
     """Print ``Error: <file>: <problem>`` (+ hint) on stderr and return the Exit to raise."""

@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from phmdiff_cli import __version__
 from phmdiff_cli.errors import InputError
-from phmdiff_cli.io.atomic import atomic_path
+from phmdiff_cli.io.atomic import atomic_path, share_permissions
 from phmdiff_cli.modalities import MODALITIES
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "WEIGHTS_FILE", "CARD_FILE", "CARD_KEYS", "TrainingState",
@@ -198,7 +198,6 @@ def save_model(folder: str | Path, state_dict: Mapping[str, torch.Tensor], card:
         save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         full["sha256"] = sha256_file(tmp / WEIGHTS_FILE)
         (tmp / CARD_FILE).write_text(json.dumps(full, indent=2) + "\n", encoding="utf-8")
-        _make_shareable(tmp)
     return Path(folder)
 
 
@@ -246,16 +245,6 @@ def _load_tensors(path: Path, device: str | torch.device) -> dict[str, torch.Ten
         return load_file(path, device=str(device))
     except (SafetensorError, OSError) as error:
         raise InputError(f"not a valid safetensors file: {error}", path=path) from None
-
-
-def _make_shareable(folder: Path) -> None:
-    """mkdtemp folders are 0700 and safetensors files 0600: give them the permissions a plain mkdir and
-    open() would, so a model folder can be shared."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
-    for f in folder.iterdir():
-        os.chmod(f, 0o666 & ~umask)
 
 
 #####################################################################################################
@@ -358,7 +347,7 @@ def save_training_state(folder: str | Path, *, model: Mapping[str, torch.Tensor]
         if ema is not None:
             save_file(clean_state_dict(ema), ckpt / _EMA_FILE, metadata={"format": "pt"})
         torch.save({"optimizer": optimizer_state, "extra": extra}, ckpt / _TRAINING_FILE)
-        _make_shareable(ckpt)
+        share_permissions(ckpt)
         for f in [*ckpt.iterdir(), ckpt]:
             _fsync(f)
         _write_pointer(root, ckpt.name)

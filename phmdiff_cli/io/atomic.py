@@ -11,7 +11,7 @@ from pathlib import Path
 
 from phmdiff_cli.errors import InputError
 
-__all__ = ["check_output", "atomic_path"]
+__all__ = ["check_output", "atomic_path", "share_permissions"]
 
 
 def check_output(path: str | Path, *, force: bool) -> Path:
@@ -45,19 +45,20 @@ def atomic_path(path: str | Path, *, force: bool = False, directory: bool = Fals
     out = check_output(path, force=force)
     suffix = "".join(out.suffixes) if not directory else ""
     parent = out.parent if str(out.parent) else Path(".")
-    if directory:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
-    else:
-        fd, name = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=f".tmp{suffix}", dir=parent)
-        os.close(fd)
-        tmp = Path(name)
+    try:
+        if directory:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
+        else:
+            fd, name = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=f".tmp{suffix}", dir=parent)
+            os.close(fd)
+            tmp = Path(name)
+    except OSError as error:
+        # os.access() says yes to root everywhere; read-only and virtual file systems only fail here.
+        problem = f"cannot create files in the output folder ({error.strerror})"
+        raise InputError(problem, path=parent) from None
     try:
         yield tmp
-        if not directory:
-            # mkstemp creates 0600 files; give the output the permissions a plain open() would.
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
+        share_permissions(tmp)
         if out.is_dir() and not out.is_symlink():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -67,3 +68,16 @@ def atomic_path(path: str | Path, *, force: bool = False, directory: bool = Fals
         else:
             tmp.unlink(missing_ok=True)
         raise
+
+
+def share_permissions(tmp: Path) -> None:
+    """mkstemp/mkdtemp create private (0600/0700) entries: give the output, and the files written into a
+    temporary folder, the permissions a plain open()/mkdir() would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    if tmp.is_dir():
+        os.chmod(tmp, 0o777 & ~umask)
+        for child in tmp.rglob("*"):
+            os.chmod(child, (0o777 if child.is_dir() else 0o666) & ~umask)
+    else:
+        os.chmod(tmp, 0o666 & ~umask)

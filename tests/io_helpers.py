@@ -1,0 +1,35 @@
+"""Helpers shared by the I/O tests: cached reads of the real volumes (the DICOM series take a second each)."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from phmdiff_cli.io import Volume, read_volume
+
+__all__ = ["cached_volume", "max_difference", "sitk_series"]
+
+
+@functools.lru_cache(maxsize=8)
+def _read(path: str) -> Volume:
+    return read_volume(path)
+
+
+def cached_volume(path: str | Path) -> Volume:
+    """``read_volume(path)``, read once per test session. Shared: never modify it (use ``with_array``)."""
+    return _read(str(path))
+
+
+def max_difference(a: np.ndarray, b: np.ndarray) -> float:
+    """Largest absolute voxel difference (np.testing.assert_allclose is slow on 30 M voxels)."""
+    return float(np.abs(a.astype(np.float32) - b.astype(np.float32)).max())
+
+
+def sitk_series(folder: Path) -> sitk.Image:
+    """The series in ``folder`` as SimpleITK/GDCM read it on their own."""
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
+    return reader.Execute()
