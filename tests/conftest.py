@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import huggingface_hub.constants
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,3 +29,21 @@ def data_dir() -> Path:
 def brats_dir(data_dir: Path) -> Path:
     """Four BraTS-layout subjects, 240x240x155 at 1 mm, voxel-aligned contrasts t1n/t1c/t2w/t2f."""
     return data_dir / "brats"
+
+
+@pytest.fixture
+def hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty Hugging Face cache in tmp_path, $HF_HUB_OFFLINE set after huggingface_hub was imported (so
+    only phmdiff can honour it), and any attempt to reach the Hub failing the test."""
+    cache = tmp_path / "hf"
+    cache.mkdir()
+
+    def no_network(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the Hub was contacted")
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    for method in ("repo_info", "list_repo_tree"):
+        monkeypatch.setattr(huggingface_hub.HfApi, method, no_network)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return cache

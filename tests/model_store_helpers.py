@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,9 @@ from torch import nn
 
 from phmdiff_cli.engine.checkpoint import save_model
 
-__all__ = ["TinyNet", "CARD", "write_model"]
+__all__ = ["TinyNet", "CARD", "COMMIT", "write_model", "hf_snapshot"]
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 #: A card as the trainer would pass it to save_model (the bookkeeping keys are filled in by save_model).
 CARD: dict[str, Any] = {
@@ -49,3 +52,16 @@ def write_model(folder: Path, *, seed: int = 0, force: bool = False, **card: Any
     folder.parent.mkdir(parents=True, exist_ok=True)
     save_model(folder, net.state_dict(), {**copy.deepcopy(CARD), **card}, force=force)
     return net
+
+
+def hf_snapshot(root: Path, model: Path, repo: str = "org/brain", sub: str = "") -> Path:
+    """The Hugging Face cache layout: models--org--repo/{refs/main, snapshots/<commit>/...}."""
+    storage = root / f"models--{repo.replace('/', '--')}"
+    snapshot = storage / "snapshots" / COMMIT / sub
+    snapshot.mkdir(parents=True)
+    for name in ("model.safetensors", "config.json"):
+        shutil.copy(model / name, snapshot / name)
+    (storage / "refs").mkdir()
+    (storage / "refs" / "main").write_text(COMMIT)
+    (storage / "refs" / "v1").write_text(COMMIT)
+    return storage / "snapshots" / COMMIT / sub

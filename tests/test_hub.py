@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-import huggingface_hub.constants
 import pytest
 import torch
-from model_store_helpers import write_model
+from model_store_helpers import COMMIT, hf_snapshot, write_model
 
 from phmdiff_cli.engine import hub
 from phmdiff_cli.engine.checkpoint import load_model
@@ -16,7 +14,6 @@ from phmdiff_cli.engine.hub import DEFAULT_MODEL, available_models, resolve_mode
 from phmdiff_cli.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 @pytest.fixture
@@ -68,41 +65,10 @@ def test_named_models_and_env_priority(shipped: Path, tmp_path: Path,
     assert "available: pelvis, brain-small" in (error.value.hint or "")
 
 
-def _hf_cache(root: Path, model: Path, repo: str = "org/brain", sub: str = "") -> Path:
-    """The Hugging Face cache layout: models--org--repo/{refs/main, snapshots/<commit>/...}."""
-    storage = root / f"models--{repo.replace('/', '--')}"
-    snapshot = storage / "snapshots" / COMMIT / sub
-    snapshot.mkdir(parents=True)
-    for name in ("model.safetensors", "config.json"):
-        shutil.copy(model / name, snapshot / name)
-    (storage / "refs").mkdir()
-    (storage / "refs" / "main").write_text(COMMIT)
-    (storage / "refs" / "v1").write_text(COMMIT)
-    return storage / "snapshots" / COMMIT / sub
-
-
-@pytest.fixture
-def hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty Hugging Face cache in tmp_path, $HF_HUB_OFFLINE set after huggingface_hub was imported (so
-    only phmdiff can honour it), and any attempt to reach the Hub failing the test."""
-    cache = tmp_path / "hf"
-    cache.mkdir()
-
-    def no_network(*args: object, **kwargs: object) -> None:
-        raise AssertionError("the Hub was contacted")
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    for method in ("repo_info", "list_repo_tree"):
-        monkeypatch.setattr(huggingface_hub.HfApi, method, no_network)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return cache
-
-
 @pytest.mark.parametrize("spec", ["hf://org/brain", "hf://org/brain@v1", f"hf://org/brain@{COMMIT}"])
 def test_hub_model_from_the_offline_cache(tmp_path: Path, hf_cache: Path, spec: str) -> None:
     net = write_model(tmp_path / "local")
-    snapshot = _hf_cache(hf_cache, tmp_path / "local")
+    snapshot = hf_snapshot(hf_cache, tmp_path / "local")
     folder = resolve_model(spec)
     assert folder.resolve() == snapshot.resolve()
     state, card = load_model(folder)
@@ -113,7 +79,7 @@ def test_hub_model_from_the_offline_cache(tmp_path: Path, hf_cache: Path, spec: 
 def test_hub_model_in_a_subfolder_with_local_files_only(tmp_path: Path, hf_cache: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     write_model(tmp_path / "local")
-    snapshot = _hf_cache(hf_cache, tmp_path / "local", repo="org/zoo", sub="brain/small")
+    snapshot = hf_snapshot(hf_cache, tmp_path / "local", repo="org/zoo", sub="brain/small")
     monkeypatch.delenv("HF_HUB_OFFLINE")
     assert resolve_model("hf://org/zoo/brain/small", local_files_only=True).resolve() == snapshot.resolve()
 
@@ -126,7 +92,7 @@ def test_hub_model_missing_offline_is_a_clear_error(hf_cache: Path) -> None:
 
 def test_hub_repo_without_a_model_and_bad_specs(tmp_path: Path, hf_cache: Path) -> None:
     write_model(tmp_path / "local")
-    snapshot = _hf_cache(hf_cache, tmp_path / "local")
+    snapshot = hf_snapshot(hf_cache, tmp_path / "local")
     (snapshot / "config.json").unlink()
     with pytest.raises(InputError, match="has no model.safetensors"):
         resolve_model("hf://org/brain")

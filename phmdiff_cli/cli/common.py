@@ -14,9 +14,9 @@ from typing import Any, TypeVar
 import typer
 from rich.console import Console
 
-from phmdiff_cli.errors import EXIT_INTERNAL, PhmdiffError
+from phmdiff_cli.errors import EXIT_INTERNAL, InputError, PhmdiffError
 
-__all__ = ["console", "state", "cli_command", "emit_json", "fail", "setup_logging"]
+__all__ = ["console", "state", "cli_command", "emit_json", "fail", "setup_logging", "parse_steps"]
 
 #: Logs, progress and errors go to stderr; data goes to stdout or files.
 console = Console(stderr=True, highlight=False)
@@ -99,3 +99,16 @@ def emit_json(obj: Any) -> None:
     """Write one JSON document to stdout (for pipelines)."""
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
     sys.stdout.flush()
+
+
+def parse_steps(text: str | None) -> int | tuple[int, ...] | None:
+    """``--steps``: one count for every pyramid level, or one per level coarse to fine (``12,8,6``)."""
+    if text is None:
+        return None
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise InputError(
+            f"bad --steps {text!r}", hint="one number (every level), or one per level: 12,8,6"
+        ) from None
+    return values[0] if len(values) == 1 else values

@@ -16,6 +16,7 @@ from rich.table import Table
 
 from phmdiff_cli.cli.common import cli_command, console, emit_json
 from phmdiff_cli.errors import EXIT_PARTIAL, InputError
+from phmdiff_cli.jsonsafe import finite
 
 if TYPE_CHECKING:
     from phmdiff_cli.metrics.cases import Case, Pairing
@@ -127,17 +128,6 @@ def _describe(conv: dict[str, Any], per_case_range: bool) -> str:
         f"modality {modality}; norm {conv['norm']}: {norms[conv['norm']]}; "
         f"data range {data_range}; mask {mask}; SSIM window {conv['ssim_window']}"
     )
-
-
-def _finite(value: Any) -> Any:
-    """JSON has no inf/NaN: non-finite numbers become null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
 
 
 def _cell(value: float | None) -> str:
@@ -287,7 +277,7 @@ def evaluate(
         )
     if json_output:
         emit_json(
-            _finite(
+            finite(
                 {
                     "conventions": {
                         k: v for k, v in conventions.items() if k not in ("data_range", "mask_voxels")

@@ -198,6 +198,7 @@ def save_model(folder: str | Path, state_dict: Mapping[str, torch.Tensor], card:
         save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         full["sha256"] = sha256_file(tmp / WEIGHTS_FILE)
         (tmp / CARD_FILE).write_text(json.dumps(full, indent=2) + "\n", encoding="utf-8")
+        share_permissions(tmp / WEIGHTS_FILE)
     return Path(folder)
 
 
@@ -347,8 +348,8 @@ def save_training_state(folder: str | Path, *, model: Mapping[str, torch.Tensor]
         if ema is not None:
             save_file(clean_state_dict(ema), ckpt / _EMA_FILE, metadata={"format": "pt"})
         torch.save({"optimizer": optimizer_state, "extra": extra}, ckpt / _TRAINING_FILE)
-        share_permissions(ckpt)
         for f in [*ckpt.iterdir(), ckpt]:
+            share_permissions(f)
             _fsync(f)
         _write_pointer(root, ckpt.name)
     except BaseException:

@@ -70,14 +70,10 @@ def atomic_path(path: str | Path, *, force: bool = False, directory: bool = Fals
         raise
 
 
-def share_permissions(tmp: Path) -> None:
-    """mkstemp/mkdtemp create private (0600/0700) entries: give the output, and the files written into a
-    temporary folder, the permissions a plain open()/mkdir() would."""
+def share_permissions(path: Path) -> None:
+    """Give one file or folder the permissions a plain open()/mkdir() would: mkstemp/mkdtemp (and safetensors)
+    create private 0600/0700 entries. Only ``path`` itself is changed, never what a folder holds (it may hold
+    links to a user's files)."""
     umask = os.umask(0)
     os.umask(umask)
-    if tmp.is_dir():
-        os.chmod(tmp, 0o777 & ~umask)
-        for child in tmp.rglob("*"):
-            os.chmod(child, (0o777 if child.is_dir() else 0o666) & ~umask)
-    else:
-        os.chmod(tmp, 0o666 & ~umask)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)

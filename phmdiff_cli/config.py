@@ -1,0 +1,212 @@
+"""Model, diffusion and sampling configuration, and the size registry.
+
+A :class:`ModelConfig` holds everything needed to rebuild a model and train it (architecture, pyramid,
+masking, EDM and loss weights) plus its default sampling settings; it is saved as ``config.json`` beside
+``model.safetensors`` so a model rebuilds from its folder alone (``ModelConfig.from_dict(json.load(f))``).
+
+Sizes (:data:`SIZES`, see ``benchmarks/README.md`` for the measurements behind the defaults):
+
+=======  ==========  ==========  ======  =====  ======  ======  ===================================
+size     image (px)  patches     hidden  depth  tokens  params  use
+=======  ==========  ==========  ======  =====  ======  ======  ===================================
+tiny     64          2, 4, 8     64      2      64      0.34 M  tests; a training step in ~0.1 s
+small    240         4, 8, 16    256     8      225     12.4 M  the shipped CPU model
+base     240         2, 4, 8     512     12     900     71 M    GPU
+large    240         2, 4, 8     768     24     900     292 M   GPU
+=======  ==========  ==========  ======  =====  ======  ======  ===================================
+
+Tokens are per level (equal at every level, 3 levels). ``small`` uses 16-pixel patches at the finest level so a
+CPU step stays under a second; the GPU sizes use 8-pixel patches (4x the tokens) for finer detail.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from phmdiff_cli.errors import InputError
+from phmdiff_cli.modalities import MODALITIES
+
+__all__ = ["DiffusionConfig", "SamplingConfig", "ModelConfig", "SIZES", "model_config"]
+
+
+@dataclass
+class DiffusionConfig:
+    """EDM training distribution (Karras et al. 2022) and loss weights.
+
+    Attributes:
+        sigma_data: standard deviation of the data in the model range [-1, 1].
+        p_mean, p_std: training noise levels, ``ln(sigma) ~ N(p_mean, p_std^2)``.
+        coarse_noise: training only: the upsampled coarse condition of level l > 0 is the downsampled ground
+            truth plus Gaussian noise of a per-sample std drawn from U(0, coarse_noise), so the finer level
+            learns to correct an imperfect coarse sample rather than copy it.
+        mae_weight: weight of the reconstruction loss on masked tokens (MaskDiT: 0.1).
+        cgr_pixel: CGR pixel term: the fine prediction, area-downsampled, against the coarser level's
+            prediction.
+        cgr_structure: CGR structure term: agreement of the image gradients of the same pair.
+        cgr_feature: CGR feature term: Gaussian-kernel MMD between the encoder token features of adjacent
+            levels.
+    """
+
+    sigma_data: float = 0.5
+    p_mean: float = -1.2
+    p_std: float = 1.2
+    coarse_noise: float = 0.1
+    mae_weight: float = 0.1
+    cgr_pixel: float = 0.1
+    cgr_structure: float = 0.05
+    cgr_feature: float = 0.01
+
+
+@dataclass
+class SamplingConfig:
+    """Default sampling settings of a model (overridable per call).
+
+    Attributes:
+        sampler: ``"heun"`` (deterministic EDM 2nd order, 2 * steps - 1 evaluations) or ``"euler"``.
+        steps: steps per level, coarse to fine.
+        sigma_min, sigma_max, rho: the EDM noise-level schedule.
+    """
+
+    sampler: str = "heun"
+    steps: tuple[int, ...] = (12, 8, 6)
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+
+
+@dataclass
+class ModelConfig:
+    """A PHMDiff model: architecture, pyramid, masking, diffusion and default sampling.
+
+    Attributes:
+        size: registry name this config was built from (``"custom"`` otherwise); informational.
+        image_size: H = W of the finest level, pixels, on the model grid.
+        spacing_mm: in-plane pixel spacing of the model grid at the finest level, mm.
+        levels: pyramid levels L; level 0 is the coarsest, ``image_size / 2**(L-1)`` pixels.
+        patch_sizes: patch size per level, coarse to fine; doubling it per level keeps the token count equal,
+            which lets all levels share one batched Transformer pass in training.
+        context: k, the number of neighbouring source slices on each side (2k + 1 channels per source).
+        max_sources: S, source slots per sample (unused slots are zero-filled with modality id 0).
+        num_modalities: modality embedding entries (ids 0..num_modalities-1; 0 = absent slot).
+        hidden_size, depth, num_heads: the shared encoder (DiT blocks).
+        decoder_hidden_size, decoder_depth, decoder_heads: the light decoder that re-inserts mask tokens.
+        mlp_ratio: MLP width / hidden width.
+        mask_ratios: training fraction of tokens dropped per level (0 disables masking at that level).
+        mask_block_sizes: side lengths, in tokens, of the square blocks masks are drawn from.
+        diffusion: EDM and loss settings.
+        sampling: default sampler settings.
+    """
+
+    size: str = "custom"
+    image_size: int = 64
+    spacing_mm: float = 1.0
+    levels: int = 3
+    patch_sizes: tuple[int, ...] = (2, 4, 8)
+    context: int = 1
+    max_sources: int = 3
+    num_modalities: int = len(MODALITIES) + 1
+    hidden_size: int = 64
+    depth: int = 2
+    num_heads: int = 2
+    decoder_hidden_size: int = 64
+    decoder_depth: int = 1
+    decoder_heads: int = 2
+    mlp_ratio: float = 4.0
+    mask_ratios: tuple[float, ...] = (0.5, 0.5, 0.5)
+    mask_block_sizes: tuple[int, ...] = (1, 2, 4)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def __post_init__(self) -> None:
+        self.patch_sizes = tuple(int(p) for p in self.patch_sizes)
+        self.mask_ratios = tuple(float(r) for r in self.mask_ratios)
+        self.mask_block_sizes = tuple(int(s) for s in self.mask_block_sizes)
+        self.sampling.steps = tuple(int(s) for s in self.sampling.steps)
+        self._validate()
+
+    def _validate(self) -> None:
+        def bad(problem: str, hint: str) -> InputError:
+            return InputError(f"invalid model config: {problem}", hint=hint)
+
+        if self.levels < 1 or len(self.patch_sizes) != self.levels or len(self.mask_ratios) != self.levels:
+            raise bad(f"levels={self.levels}, patch_sizes={self.patch_sizes}, mask_ratios={self.mask_ratios}",
+                      "give one patch size and one mask ratio per level")
+        for level in range(self.levels):
+            side, patch = self.level_size(level), self.patch_sizes[level]
+            if self.image_size % 2 ** (self.levels - 1) or side % patch:
+                raise bad(f"level {level} is {side} px, not a multiple of its patch size {patch}",
+                          "image_size must be divisible by 2**(levels-1) * patch size")
+        if not all(0.0 <= r < 1.0 for r in self.mask_ratios):
+            raise bad(f"mask_ratios {self.mask_ratios} outside [0, 1)", "use e.g. 0.5")
+        if self.hidden_size % self.num_heads or self.decoder_hidden_size % self.decoder_heads:
+            raise bad("hidden sizes must be divisible by their head counts", "e.g. hidden 256 with 4 heads")
+        if len(self.sampling.steps) != self.levels or self.sampling.sampler not in ("heun", "euler"):
+            raise bad(f"sampling {self.sampling}", "one step count per level; sampler heun or euler")
+
+    @property
+    def source_channels(self) -> int:
+        """Channels per source slot: the slice and its k neighbours on each side."""
+        return 2 * self.context + 1
+
+    def level_size(self, level: int) -> int:
+        """H = W of ``level`` in pixels (level 0 coarsest)."""
+        return self.image_size // 2 ** (self.levels - 1 - level)
+
+    def grid_size(self, level: int) -> int:
+        """Tokens per side at ``level``."""
+        return self.level_size(level) // self.patch_sizes[level]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (tuples become lists)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Rebuild from :meth:`to_dict` output (e.g. a loaded ``config.json``).
+
+        Raises:
+            InputError: unknown fields (a config written by a newer phmdiff) or invalid values.
+        """
+        data = dict(data)
+        nested = {"diffusion": DiffusionConfig, "sampling": SamplingConfig}
+        for key, sub in nested.items():
+            if key in data:
+                data[key] = sub(**_known(sub, data[key]))
+        return cls(**_known(cls, data))
+
+
+def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise InputError(f"model config has unknown fields {unknown}",
+                         hint="the model was saved by a newer phmdiff: upgrade with `pip install -U phmdiff`")
+    return data
+
+
+#: Registered sizes; see the module docstring and benchmarks/README.md.
+SIZES: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(size="tiny", image_size=64, patch_sizes=(2, 4, 8), hidden_size=64, depth=2,
+                        num_heads=2, decoder_hidden_size=64, decoder_depth=1, decoder_heads=2,
+                        sampling=SamplingConfig(steps=(4, 3, 2))),
+    "small": ModelConfig(size="small", image_size=240, patch_sizes=(4, 8, 16), hidden_size=256, depth=8,
+                         num_heads=4, decoder_hidden_size=192, decoder_depth=2, decoder_heads=3),
+    "base": ModelConfig(size="base", image_size=240, patch_sizes=(2, 4, 8), hidden_size=512, depth=12,
+                        num_heads=8, decoder_hidden_size=384, decoder_depth=4, decoder_heads=6),
+    "large": ModelConfig(size="large", image_size=240, patch_sizes=(2, 4, 8), hidden_size=768, depth=24,
+                         num_heads=12, decoder_hidden_size=512, decoder_depth=6, decoder_heads=8),
+}
+
+
+def model_config(size: str, **overrides: Any) -> ModelConfig:
+    """A fresh copy of a registered size with fields replaced, e.g. ``model_config("small", levels=2,
+    patch_sizes=(8, 16), mask_ratios=(0.5, 0.5), sampling=SamplingConfig(steps=(10, 6)))``.
+
+    Raises:
+        InputError: unknown size, or overrides that make an invalid config.
+    """
+    if size not in SIZES:
+        raise InputError(f"unknown model size {size!r}", hint=f"use one of {', '.join(SIZES)}")
+    base = ModelConfig.from_dict(SIZES[size].to_dict())
+    return replace(base, **overrides) if overrides else base

@@ -1,0 +1,91 @@
+"""Coarse-to-fine sampling of a target slice from its sources, with optional repeated draws for
+uncertainty."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from phmdiff_cli.diffusion.edm import denoise
+from phmdiff_cli.diffusion.losses import check_batch
+from phmdiff_cli.diffusion.pyramid import image_pyramid, upsample
+from phmdiff_cli.diffusion.schedulers import EDMScheduler
+
+__all__ = ["sample"]
+
+
+def _initial_noise(shape: tuple[int, ...], batch: int, samples: int, shared: torch.Generator | None,
+                   device: torch.device) -> Tensor:
+    """(samples * B, *shape) unit noise; with a generator, drawn on the CPU (the same numbers on every device)
+    once per draw and shared by the B slices of the batch."""
+    if shared is None:
+        return torch.randn(samples * batch, *shape, device=device)
+    noise = torch.randn(samples, 1, *shape, generator=shared)
+    return noise.expand(samples, batch, *shape).reshape(samples * batch, *shape).to(device)
+
+
+@torch.no_grad()
+def sample(
+    model: nn.Module,
+    source: Tensor,
+    src_mod: Tensor,
+    tgt_mod: Tensor,
+    *,
+    steps: int | list[int] | tuple[int, ...] | None = None,
+    sampler: str | None = None,
+    noise_seed: int | None = None,
+    generator: torch.Generator | None = None,
+    samples: int = 1,
+) -> tuple[Tensor, Tensor | None]:
+    """Synthesize target slices, coarse to fine, with the deterministic EDM ODE solver.
+
+    Run it under :func:`phmdiff_cli.engine.device.autocast` for mixed precision; the sampler state stays
+    float32. The loop makes no host-device synchronisation (noise levels are Python floats, no ``.item()``).
+
+    Args:
+        model: a :class:`~phmdiff_cli.models.PHMDiff` in eval mode.
+        source: (B, S, 2k+1, H, W) source slots at the finest level, model range [-1, 1]; absent slots zero.
+        src_mod: (B, S) long modality ids (0 = absent).
+        tgt_mod: (B,) long target modality ids.
+        steps: solver steps per level (an int for every level, or one per level coarse to fine); default
+            ``config.sampling.steps``.
+        sampler: ``"heun"`` or ``"euler"``; default ``config.sampling.sampler``.
+        noise_seed: seeds a CPU generator: results are reproducible, and every slice of the batch starts from
+            the same noise (consistent texture through a volume). Ignored when ``generator`` is given.
+        generator: a CPU ``torch.Generator`` used like ``noise_seed`` (shared noise across the batch).
+            Without either, each slice gets independent noise from the global RNG.
+        samples: N draws per slice (different noise per draw), batched together as N * B.
+
+    Returns:
+        ``(mean, std)``: mean (B, 1, H, W) in [-1, 1]; std (B, 1, H, W), the per-pixel standard deviation over
+        the N draws, or None when ``samples == 1``.
+    """
+    cfg = model.config
+    check_batch(model, source, src_mod, tgt_mod)
+    steps_per_level = [steps] * cfg.levels if isinstance(steps, int) else list(steps or cfg.sampling.steps)
+    if len(steps_per_level) != cfg.levels or samples < 1:
+        raise ValueError(f"need {cfg.levels} step counts and samples >= 1, got {steps_per_level}, {samples}")
+    b, device = source.shape[0], source.device
+    if generator is None and noise_seed is not None:
+        generator = torch.Generator().manual_seed(noise_seed)
+    noises = [_initial_noise((1, cfg.level_size(lv), cfg.level_size(lv)), b, samples, generator, device)
+              for lv in range(cfg.levels)]
+    repeat = (samples,) + (1,) * (source.ndim - 1)
+    sources = image_pyramid(source.repeat(repeat), cfg.levels)
+    src_mod, tgt_mod = src_mod.repeat(samples, 1), tgt_mod.repeat(samples)
+
+    scheduler = EDMScheduler(sampler or cfg.sampling.sampler, cfg.sampling.sigma_min, cfg.sampling.sigma_max,
+                             cfg.sampling.rho)
+    coarse: Tensor | None = None
+    for level in range(cfg.levels):
+        scheduler.set_timesteps(steps_per_level[level])
+        x = noises[level] * scheduler.init_noise_sigma
+        for sigma in scheduler.timesteps:
+            sigmas = torch.full((x.shape[0],), sigma, device=device)
+            denoised = denoise(model, x, sigmas, sources[level], coarse, src_mod, tgt_mod, level=level)
+            x = scheduler.step(denoised, x)
+        x = x.clamp(-1.0, 1.0)
+        if level + 1 < cfg.levels:
+            coarse = upsample(x, cfg.level_size(level + 1))
+    draws = x.reshape(samples, b, *x.shape[1:])
+    return draws.mean(dim=0), (draws.std(dim=0) if samples > 1 else None)

@@ -1,0 +1,353 @@
+"""Whole-volume synthesis: source images as read -> the target modality on the first source's exact grid.
+
+The path of a case: sources resampled onto the first source's grid (when they are not on it) ->
+:func:`~phmdiff_cli.data.preprocess.prepare_volume` (the same preprocessing as training) -> batches of axial
+slices with their 2.5D context (:func:`~phmdiff_cli.data.slices.source_stack`) -> the pyramid sampler with one
+seeded noise shared by every slice -> :func:`~phmdiff_cli.data.preprocess.restore_volume` on the first
+source's grid, in file units.
+
+Output units: CT in Hounsfield units (int16, the model's window [-1024, 3000] HU). MRI has no absolute unit,
+so a synthesized MRI is written on the first MRI source's scale: the model range [-1, 1] maps to [0, hi],
+where ``hi`` is that source's foreground 99.5th percentile (the value its own normalisation mapped to +1),
+float32. A target MRI made from CT alone is on a [0, 1000] scale.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from phmdiff_cli.data.grid import MODEL_BACKGROUND
+from phmdiff_cli.data.normalize import CT_WINDOW_HU, IntensityParams
+from phmdiff_cli.data.preprocess import Prepared, prepare_volume, resample_onto, restore_volume
+from phmdiff_cli.data.slices import Pair, source_stack
+from phmdiff_cli.diffusion import sample
+from phmdiff_cli.engine.device import autocast
+from phmdiff_cli.engine.pretrained import Pretrained
+from phmdiff_cli.errors import EXIT_INTERNAL, InputError, PhmdiffError
+from phmdiff_cli.io import Volume
+from phmdiff_cli.modalities import is_ct, modality_id
+
+__all__ = [
+    "SAMPLERS",
+    "MRI_FROM_CT_HI",
+    "CPU_BUDGET_BYTES",
+    "SynthesisSettings",
+    "Synthesis",
+    "Synthesizer",
+    "match_pair",
+    "output_params",
+    "slice_bytes",
+    "default_batch_size",
+    "is_out_of_memory",
+]
+
+SAMPLERS = ("heun", "euler")
+#: Scale hi of an MRI synthesized from CT only (no MRI source to borrow a scale from), arbitrary units.
+MRI_FROM_CT_HI = 1000.0
+#: Activation memory per batch on a CPU: 19 slices of the small model. Larger batches were at most ~1.3x
+#: faster per slice in benchmarks/README.md (noisy, on a shared CPU) but cost memory and delay the estimate.
+CPU_BUDGET_BYTES = 256 * 2**20
+#: Fraction of the free accelerator memory a batch may use.
+GPU_BUDGET_FRACTION = 0.5
+#: A model-range value at most this far above the background counts as background (Gaussian anti-aliasing of a
+#: constant -1 is -1 only up to float rounding).
+_BACKGROUND_TOL = 1e-4
+
+#: ``on_batch(done_slices, total_slices, seconds_of_this_batch)``, called after each batch.
+BatchCallback = Callable[[int, int, float], None]
+
+
+@dataclass(frozen=True)
+class SynthesisSettings:
+    """How to sample.
+
+    Attributes:
+        steps: solver steps per pyramid level (coarse to fine), one int for every level, or None for the
+            model's default (``config.sampling.steps``).
+        sampler: ``"heun"`` or ``"euler"``; None for the model's default.
+        seed: seed of the initial noise, shared by every slice of a volume (through-plane consistency).
+        samples: draws per slice; more than one gives the mean and a per-voxel standard deviation.
+        batch_size: slices per batch; None: :func:`default_batch_size`.
+    """
+
+    steps: int | tuple[int, ...] | None = None
+    sampler: str | None = None
+    seed: int = 0
+    samples: int = 1
+    batch_size: int | None = None
+
+
+@dataclass
+class Synthesis:
+    """One synthesized case.
+
+    Attributes:
+        image: the target on the first source's exact grid and axes (its meta, e.g. the NIfTI header, kept);
+            CT int16 HU, MRI float32 (see the module docstring for the scale).
+        std: per-voxel standard deviation over the draws, float32 in the image's units, same grid; None for
+            one draw.
+        pair: the model's pair used (its source order may differ from the order given).
+        slices: axial slices of the volume; ``skipped`` of them had only background in their 2.5D context and
+            were set to the background (air) without running the model.
+        batch_size: the batch size in the end (halved on out-of-memory).
+        seconds: ``prepare``, ``sample`` and ``restore`` wall times, and ``sample_cpu``, the CPU time of all
+            threads while sampling.
+        notes: what was done to the inputs that the user should know (resampling, grid crop).
+    """
+
+    image: Volume
+    std: Volume | None
+    pair: Pair
+    slices: int
+    skipped: int
+    batch_size: int
+    seconds: dict[str, float]
+    notes: list[str] = field(default_factory=list)
+
+
+def match_pair(pretrained: Pretrained, modalities: Sequence[str], target: str) -> Pair:
+    """The model's pair with these source modalities (in any order) and this target.
+
+    Raises:
+        InputError: no such pair; the message lists what the model supports.
+    """
+    for pair in pretrained.pairs:
+        if pair.target == target and sorted(pair.sources) == sorted(modalities):
+            return pair
+    return pretrained.pair_for(modalities, target)  # raises, listing the supported pairs
+
+
+def output_params(target: str, prepared: Sequence[Prepared]) -> IntensityParams:
+    """The mapping of the model range to the output's file units (see the module docstring).
+
+    Args:
+        target: canonical target modality.
+        prepared: the sources as prepared, first source first.
+    """
+    if is_ct(target):
+        return IntensityParams(target, *CT_WINDOW_HU)
+    scale = next((p.params.hi for p in prepared if not is_ct(p.params.modality)), MRI_FROM_CT_HI)
+    return IntensityParams(target, 0.0, scale)
+
+
+def slice_bytes(pretrained: Pretrained, samples: int = 1) -> int:
+    """Estimated peak activation memory (bytes, float32) of one slice in a sampling batch.
+
+    Counts the source stack and its pyramid, the level input, the largest Transformer activations (QKV and
+    MLP) and the attention matrix: 12.9 MiB for the small model, whose peak RSS grew by 9-21 MiB (14.9 on
+    average) per added slice (benchmarks/README.md).
+    """
+    cfg = pretrained.config
+    pixels = cfg.image_size**2
+    sources = cfg.max_sources * cfg.source_channels * pixels
+    tokens = max(cfg.grid_size(level) ** 2 for level in range(cfg.levels))
+    floats = (
+        2 * sources * 4 / 3  # the stack, and its pyramid (1 + 1/4 + 1/16 + ...)
+        + (sources + 2 * pixels) * 2  # one level's input and its patches
+        + tokens * cfg.hidden_size * (3 + cfg.mlp_ratio + 2)
+        + cfg.num_heads * tokens**2
+    )
+    return int(4 * floats * samples)
+
+
+def default_batch_size(pretrained: Pretrained, device: torch.device, samples: int = 1) -> int:
+    """Slices per batch within the memory budget: :data:`CPU_BUDGET_BYTES` on a CPU, half the free memory on
+    CUDA; at least 1."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = int(free * GPU_BUDGET_FRACTION)
+    else:
+        budget = CPU_BUDGET_BYTES
+    return max(1, budget // slice_bytes(pretrained, samples))
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for the out-of-memory errors of PyTorch (any device) and Python."""
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+    )
+
+
+class Synthesizer:
+    """Synthesizes whole volumes with one loaded model (load it once, call :meth:`run` per case).
+
+    Args:
+        pretrained: the model (eval mode, on ``device``).
+        device: where it runs.
+        dtype: autocast dtype (``torch.bfloat16`` / ``torch.float16``) or None for fp32.
+        settings: sampling settings.
+
+    Raises:
+        InputError: steps or sampler that do not fit the model.
+    """
+
+    def __init__(
+        self,
+        pretrained: Pretrained,
+        device: torch.device,
+        dtype: torch.dtype | None,
+        settings: SynthesisSettings,
+    ) -> None:
+        cfg = pretrained.config
+        steps = settings.steps or cfg.sampling.steps
+        self.steps = (steps,) * cfg.levels if isinstance(steps, int) else tuple(steps)
+        if len(self.steps) != cfg.levels or min(self.steps) < 1:
+            raise InputError(
+                f"steps {','.join(map(str, self.steps))} do not fit the model's {cfg.levels} pyramid levels",
+                hint=f"give one number, or {cfg.levels} comma-separated numbers >= 1",
+            )
+        self.sampler = settings.sampler or cfg.sampling.sampler
+        if self.sampler not in SAMPLERS:
+            raise InputError(f"unknown sampler {self.sampler!r}", hint=f"use one of {', '.join(SAMPLERS)}")
+        if settings.samples < 1:
+            raise InputError(f"samples must be at least 1, got {settings.samples}")
+        self.pretrained, self.device, self.dtype, self.settings = pretrained, device, dtype, settings
+        self.batch_size = settings.batch_size or default_batch_size(pretrained, device, settings.samples)
+
+    def run(
+        self, sources: Sequence[Volume], target: str, *, on_batch: BatchCallback | None = None
+    ) -> Synthesis:
+        """Synthesize ``target`` from ``sources`` (as read; each with its ``modality`` set).
+
+        The output is on the grid of ``sources[0]``; the others are resampled onto it (linear) when needed.
+
+        Raises:
+            InputError: the model has no pair for these modalities, or a source's modality is unknown.
+            PhmdiffError: NaN/Inf in the output (hint: fp32), or out of memory even one slice at a time.
+        """
+        for volume in sources:
+            if volume.modality is None:
+                raise InputError(
+                    "cannot tell the image's modality",
+                    path=volume.meta.get("path"),
+                    hint="name the file by modality (e.g. ID-t1n.nii.gz) or give --src-modality",
+                )
+        pair = match_pair(self.pretrained, [v.modality for v in sources], target)  # type: ignore[misc]
+        start = time.perf_counter()
+        notes: list[str] = [w for v in sources for w in v.meta.get("warnings", [])]
+        aligned = [sources[0]] + [self._aligned(v, sources[0], notes) for v in sources[1:]]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            prepared = [prepare_volume(v, self.pretrained.grid) for v in aligned]
+        notes += [str(w.message) for w in caught]
+        by_modality = {v.modality: p for v, p in zip(aligned, prepared, strict=True)}
+        volumes = [by_modality[m].array for m in pair.sources]
+        seconds = {"prepare": time.perf_counter() - start}
+
+        start, cpu_start = time.perf_counter(), time.process_time()
+        mean, std, todo = self._sample_volume(volumes, pair, on_batch)
+        seconds["sample"] = time.perf_counter() - start
+        seconds["sample_cpu"] = time.process_time() - cpu_start  # all threads: busy cores x wall time
+
+        start = time.perf_counter()
+        params, transform = output_params(target, prepared), prepared[0].transform
+        image = restore_volume(mean, params, transform, sources[0])
+        if is_ct(target):
+            image = image.with_array(np.rint(image.array).astype(np.int16))
+        std_image = None
+        if std is not None:
+            # A std is a difference of intensities: it scales by (hi - lo) / 2 with no offset. Shifting it by
+            # -1 and restoring with lo = 0 does exactly that, and the area outside the model grid becomes 0.
+            scale = IntensityParams(target, 0.0, params.hi - params.lo)
+            std_image = restore_volume(std - 1.0, scale, transform, sources[0])
+        seconds["restore"] = time.perf_counter() - start
+        return Synthesis(
+            image, std_image, pair, mean.shape[0], mean.shape[0] - todo, self.batch_size, seconds, notes
+        )
+
+    @staticmethod
+    def _aligned(volume: Volume, reference: Volume, notes: list[str]) -> Volume:
+        if volume.same_grid(reference, tol=1e-3):
+            return volume
+        notes.append(
+            f"{volume.meta.get('path', 'a source')}: resampled (linear) onto the grid of "
+            f"{reference.meta.get('path', 'the first source')}"
+        )
+        return resample_onto(volume, reference, nearest=False)
+
+    def _sample_volume(
+        self, volumes: Sequence[np.ndarray], pair: Pair, on_batch: BatchCallback | None
+    ) -> tuple[np.ndarray, np.ndarray | None, int]:
+        """Sample every slice whose 2.5D context holds foreground, in batches; halve them on out-of-memory.
+
+        Returns:
+            ``(mean, std, n_sampled)``: float32 ``(Z, H, W)`` in the model range (-1 where skipped), the std
+            ``(Z, H, W)`` (0 where skipped) or None, and the number of slices sampled.
+        """
+        depth, height, width = volumes[0].shape
+        todo = np.flatnonzero(self._occupied(volumes))
+        mean = np.full((depth, height, width), MODEL_BACKGROUND, dtype=np.float32)
+        std = np.zeros_like(mean) if self.settings.samples > 1 else None
+        done = 0
+        while done < todo.size:
+            z = todo[done : done + self.batch_size]
+            start = time.perf_counter()
+            try:
+                batch_mean, batch_std = self._sample_batch(volumes, pair, z)
+            except Exception as error:  # noqa: BLE001 - only out-of-memory is handled, the rest re-raised
+                if not is_out_of_memory(error):
+                    raise
+                self._shrink_batch(error)
+                continue
+            mean[z] = batch_mean
+            if std is not None:
+                std[z] = batch_std
+            done += z.size
+            if on_batch is not None:
+                on_batch(done, int(todo.size), time.perf_counter() - start)
+        return mean, std, int(todo.size)
+
+    def _occupied(self, volumes: Sequence[np.ndarray]) -> np.ndarray:
+        """Boolean ``(Z,)``: the 2.5D context of slice z holds some foreground in some source."""
+        k = self.pretrained.config.context
+        occupied = np.zeros(volumes[0].shape[0], dtype=bool)
+        for volume in volumes:
+            occupied |= volume.reshape(volume.shape[0], -1).max(axis=1) > MODEL_BACKGROUND + _BACKGROUND_TOL
+        return np.convolve(occupied, np.ones(2 * k + 1), mode="same") > 0
+
+    def _shrink_batch(self, error: BaseException) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if self.batch_size == 1:
+            raise PhmdiffError(
+                "out of memory even with one slice per batch",
+                exit_code=EXIT_INTERNAL,
+                hint="use fewer --samples, or a device with more memory",
+            ) from error
+        self.batch_size //= 2
+
+    @torch.inference_mode()
+    def _sample_batch(
+        self, volumes: Sequence[np.ndarray], pair: Pair, z: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Mean (and std) ``(len(z), H, W)`` float32 in the model range for slices ``z``."""
+        cfg = self.pretrained.config
+        stack, src_mod = source_stack(
+            volumes, pair.sources, k=cfg.context, slots=cfg.max_sources, z=z.tolist()
+        )
+        source = torch.from_numpy(stack).to(self.device)
+        src_mod_t = torch.from_numpy(src_mod).to(self.device).expand(len(z), -1)
+        tgt_mod = torch.full((len(z),), modality_id(pair.target), dtype=torch.long, device=self.device)
+        with autocast(self.device, self.dtype):
+            # One noise seed for every batch: each slice starts from the same noise (consistent texture).
+            mean, std = sample(
+                self.pretrained.model,
+                source,
+                src_mod_t,
+                tgt_mod,
+                steps=list(self.steps),
+                sampler=self.sampler,
+                noise_seed=self.settings.seed,
+                samples=self.settings.samples,
+            )
+        if not bool(torch.isfinite(mean).all()):
+            raise PhmdiffError(
+                "the synthesized image has NaN or infinite values", hint="run again with --precision fp32"
+            )
+        return mean[:, 0].float().cpu().numpy(), None if std is None else std[:, 0].float().cpu().numpy()

@@ -1,0 +1,631 @@
+"""``phmdiff train``: the training loop, validation, checkpoints and resume, in one process or several.
+
+Reproducibility: every random draw of a step (noise levels, noise, masks) comes from a generator seeded by
+``(seed, rank, step)``, the data stream from :class:`~phmdiff_cli.data.slices.SliceSampler` (seeded, started
+at ``step * batch_size``) and the learning rate is a function of the step. So a resumed run continues with the
+same numbers as an uninterrupted one, and a checkpoint needs only the weights, the EMA, the optimizer state
+and the step.
+
+Multi-process (``torchrun``): every process trains on its own share of the sample stream (DDP averages the
+gradients); decisions that depend on a clock or a signal are agreed on by all processes at every step; only
+rank 0 validates, writes files and logs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from phmdiff_cli.config import ModelConfig
+from phmdiff_cli.data.slices import SliceDataset
+from phmdiff_cli.diffusion import training_loss
+from phmdiff_cli.engine import distributed
+from phmdiff_cli.engine.checkpoint import load_training_state, save_model, save_training_state
+from phmdiff_cli.engine.device import autocast, compile_model, grad_scaler, resolve_precision
+from phmdiff_cli.engine.ema import EMA
+from phmdiff_cli.engine.pretrained import build_card
+from phmdiff_cli.engine.progress import Reporter
+from phmdiff_cli.engine.run_folder import RunFolder
+from phmdiff_cli.engine.settings import TrainSettings, auto_spacing, build_model_config
+from phmdiff_cli.engine.train_data import TrainData, load_data, slice_dataset
+from phmdiff_cli.engine.validation import Validation, fixed_subset, validate, write_preview
+from phmdiff_cli.errors import EXIT_INTERNAL, InputError, PhmdiffError
+from phmdiff_cli.jsonsafe import finite
+from phmdiff_cli.models import PHMDiff
+
+__all__ = ["RunState", "TrainResult", "train"]
+
+
+@dataclass
+class RunState:
+    """Progress of a run, saved in every checkpoint.
+
+    Attributes:
+        step: optimizer steps done.
+        elapsed_s: wall-clock seconds of training so far, over all sessions.
+        finetune_from: step where the unmasked fine-tune began (None: not yet).
+        best_ssim, best_step: best mean validation SSIM and its step.
+        val: the latest validation metrics (``{"pairs": ..., "mean": ..., "step": ...}``).
+    """
+
+    step: int = 0
+    elapsed_s: float = 0.0
+    finetune_from: int | None = None
+    best_ssim: float | None = None
+    best_step: int | None = None
+    val: dict[str, Any] | None = None
+
+
+@dataclass
+class TrainResult:
+    """How a run ended: its folder, its state, the signal that stopped it (None: budget reached), and whether
+    this process is rank 0 (the one that reports)."""
+
+    run: Path
+    state: RunState
+    signal: int | None = None
+    main: bool = True
+
+
+##################################################################################
+#                                    Helpers                                     #
+##################################################################################
+
+
+def _git_commit() -> str | None:
+    """The git commit of the phmdiff source tree, if it is a checkout."""
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = done.stdout.strip()
+    return commit if done.returncode == 0 and commit else None
+
+
+def _step_seed(seed: int, rank: int, step: int) -> int:
+    digest = hashlib.sha256(f"{seed}:{rank}:{step}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class _Objective(nn.Module):
+    """The training loss as a module, so that DDP's forward hooks see every step."""
+
+    def __init__(self, model: PHMDiff) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, batch: dict[str, Tensor], mask_ratio: float | None, generator: torch.Generator
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        return training_loss(self.model, batch, mask_ratio=mask_ratio, generator=generator)
+
+
+@contextmanager
+def _stop_on_signals(stop: list[int]) -> Iterator[None]:
+    """Turn the first SIGINT/SIGTERM into a request (``stop`` gets the signal number) to save and exit after
+    the current step; a second Ctrl-C interrupts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, _frame: Any) -> None:
+        if stop and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.append(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+##################################################################################
+#                                    Trainer                                     #
+##################################################################################
+
+
+@dataclass
+class _Clock:
+    """Wall-clock bookkeeping of one session."""
+
+    start: float = field(default_factory=time.monotonic)
+    offset: float = 0.0  # elapsed seconds of earlier sessions
+    last_checkpoint: float = field(default_factory=time.monotonic)
+
+    def elapsed(self) -> float:
+        return self.offset + time.monotonic() - self.start
+
+
+@dataclass
+class _Meter:
+    """Training speed over a log interval, not counting validation and checkpoint time."""
+
+    steps: int = 0
+    start: float = field(default_factory=time.monotonic)
+    overhead: float = 0.0
+
+    def rate(self) -> float:
+        """Steps per second."""
+        seconds = time.monotonic() - self.start - self.overhead
+        return self.steps / seconds if seconds > 0 else 0.0
+
+
+class Trainer:
+    """One process's training session (see the module docstring).
+
+    Args:
+        settings: resolved settings. config: the model configuration. data: the checked dataset.
+        run: the run folder (rank 0 writes there). info, device: process and device.
+        console: where rank 0 prints (stderr). quiet: no progress display.
+    """
+
+    def __init__(
+        self,
+        settings: TrainSettings,
+        config: ModelConfig,
+        data: TrainData,
+        run: RunFolder,
+        info: distributed.DistInfo,
+        device: torch.device,
+        console: Console,
+        quiet: bool,
+    ) -> None:
+        self.settings, self.config, self.data, self.run = settings, config, data, run
+        self.info, self.device, self.console, self.quiet = info, device, console, quiet
+        self.dtype = resolve_precision(settings.precision, device)
+        self.state = RunState()
+        self.cache = Path(settings.cache_dir) if settings.cache_dir else run.cache
+        torch.manual_seed(settings.seed)  # the initial weights
+        self.model = PHMDiff(config).to(device)
+        self.ema = EMA(self.model, settings.ema_decay) if info.is_main else None
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
+        )
+        self.scaler = grad_scaler(device, self.dtype)
+        self.generator = torch.Generator(device=device)
+        self.train_set: SliceDataset | None = None
+        self.val_set: SliceDataset | None = None
+        self.val_keys: list[tuple[int, int, int]] = []
+        self.commit = _git_commit() if info.is_main else None
+        #: the step of the newest checkpoint (None: none yet).
+        self.saved_step: int | None = None
+
+    # ------------------------------------------------------------------ setup
+
+    def prepare_data(self) -> None:
+        """Preprocess the data into the cache: rank 0 first, then the others read it."""
+        if self.info.is_main:
+            self._datasets()
+        distributed.barrier(self.info)
+        if not self.info.is_main:
+            self._datasets()
+
+    def _datasets(self) -> None:
+        """The training slices, and on rank 0 the validation slices and their fixed subset."""
+        main = self.info.is_main
+        show = self.console if main else None
+        progress = main and not self.quiet and self.console.is_terminal
+        common = {"settings": self.settings, "config": self.config, "cache": self.cache, "progress": progress}
+        self.train_set = slice_dataset(
+            self.data, self.data.train_ids, augment=self.settings.augment, console=show, **common
+        )
+        if main and self.data.val_ids:
+            self.val_set = slice_dataset(self.data, self.data.val_ids, augment=False, console=show, **common)
+            self.val_keys = fixed_subset(self.val_set, self.settings.val_slices)
+
+    def restore(self) -> None:
+        """Load the run's checkpoint, if it has one.
+
+        Raises:
+            InputError: the checkpoint was made with another number of processes or batch size.
+        """
+        if not (self.run.state / "LATEST").is_file():
+            return
+        saved = load_training_state(self.run.state, device=self.device)
+        extra = saved.extra
+        for key, now in (("world_size", self.info.world_size), ("batch_size", self.settings.batch_size)):
+            if extra[key] != now:
+                raise InputError(
+                    f"the checkpoint was made with {key} {extra[key]}, not {now}",
+                    path=saved.path,
+                    hint="resume with the same number of processes and batch size",
+                )
+        self.model.load_state_dict(saved.model)
+        if self.ema is not None and saved.ema is not None:
+            self.ema.load_state_dict(saved.ema, int(extra["ema_updates"]))
+        self.optimizer.load_state_dict(saved.optimizer_state)
+        if extra.get("scaler"):
+            self.scaler.load_state_dict(extra["scaler"])
+        torch.set_rng_state(extra["torch_rng"])
+        self.state = RunState(**extra["run"])
+        self.saved_step = self.state.step
+
+    # ------------------------------------------------------------------ loop
+
+    def _loader(self) -> Iterator[dict[str, Tensor]]:
+        assert self.train_set is not None
+        workers = self.settings.num_workers
+        if workers is None:  # CPU training needs every core for the model; a GPU needs its data fed
+            workers = (
+                0 if self.device.type == "cpu" else min(8, (os.cpu_count() or 2) // self.info.world_size)
+            )
+        sampler = self.train_set.sampler(
+            seed=self.settings.seed,
+            rank=self.info.rank,
+            world_size=self.info.world_size,
+            start=self.state.step * self.settings.batch_size,
+        )
+        loader = torch.utils.data.DataLoader(
+            self.train_set,
+            batch_size=self.settings.batch_size,
+            sampler=sampler,
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+        )
+        return iter(loader)
+
+    def _planned_finetune(self) -> int | None:
+        budget = self.settings.step_budget
+        if budget is None or self.settings.finetune_fraction <= 0:
+            return None
+        return round(budget * (1.0 - self.settings.finetune_fraction))
+
+    def fit(self) -> TrainResult:
+        """Train until the budget is reached or a signal asks to stop; checkpoint and validate on the way."""
+        s, state = self.settings, self.state
+        loss_module = _Objective(compile_model(self.model) if s.compile else self.model)
+        objective = self._wrap(loss_module, finetune=state.finetune_from is not None)
+        clock, meter = _Clock(offset=state.elapsed_s), _Meter()
+        budget, minutes, planned = s.step_budget, s.minutes, self._planned_finetune()
+        batches = self._loader()
+        sums: dict[str, Tensor] = {}
+        stop: list[int] = []
+        reporter = Reporter(
+            self.console,
+            quiet=self.quiet or not self.info.is_main,
+            total=budget,
+            minutes=minutes,
+            start=state.step,
+        )
+        with _stop_on_signals(stop), reporter:
+            while budget is None or state.step < budget:
+                elapsed = clock.elapsed()
+                halt, time_up, finetune_time = distributed.any_true(
+                    [
+                        bool(stop),
+                        minutes is not None and elapsed >= minutes * 60,
+                        minutes is not None and elapsed >= (1 - s.finetune_fraction) * minutes * 60,
+                    ],
+                    self.info,
+                    self.device,
+                )
+                if halt or time_up:
+                    break
+                if (
+                    state.finetune_from is None
+                    and s.finetune_fraction > 0
+                    and (finetune_time or (planned is not None and state.step >= planned))
+                ):
+                    state.finetune_from = state.step
+                    objective = self._wrap(loss_module, finetune=True, previous=objective)
+                    self.say(f"Step {state.step}: unmasked fine-tune from here on")
+                logs = self._step(objective, next(batches))
+                state.step += 1
+                meter.steps += 1
+                for key, value in logs.items():
+                    sums[key] = sums.get(key, 0) + value
+                reporter.advance(state.step)
+                if state.step % s.log_every == 0:
+                    self._log_interval(sums, meter, clock, reporter)
+                    sums, meter = {}, _Meter()
+                paused = time.monotonic()
+                if self.val_set is not None and state.step % s.val_every == 0:
+                    self._validate(clock)
+                if (
+                    state.step % s.checkpoint_every == 0
+                    or time.monotonic() - clock.last_checkpoint >= s.checkpoint_minutes * 60
+                ):
+                    self._checkpoint(clock)
+                meter.overhead += time.monotonic() - paused  # not training time
+        signum = stop[0] if stop else None
+        if signum is None and self.val_set is not None and (state.val or {}).get("step") != state.step:
+            self._validate(clock)
+        if self.saved_step != state.step:
+            self._checkpoint(clock)
+        return TrainResult(self.run.root, state, signum, self.info.is_main)
+
+    def _wrap(
+        self, loss_module: _Objective, *, finetune: bool, previous: nn.Module | None = None
+    ) -> nn.Module:
+        """The loss module, DDP-wrapped with several processes. The unmasked fine-tune leaves the mask token
+        without a gradient, which DDP must be told (``find_unused_parameters``, an extra graph traversal per
+        step): the switch to the fine-tune re-wraps the module."""
+        if not self.info.enabled:
+            return loss_module
+        if isinstance(previous, DistributedDataParallel):
+            previous._remove_autograd_hooks()  # or both wrappers would all-reduce every gradient
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(loss_module, device_ids=ids, find_unused_parameters=finetune)
+
+    def _step(self, objective: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """One optimizer step; returns detached per-step scalars (no device sync)."""
+        s, step = self.settings, self.state.step
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        for group in self.optimizer.param_groups:
+            group["lr"] = s.lr_at(step)
+        self.generator.manual_seed(_step_seed(s.seed, self.info.rank, step))
+        finetune = self.state.finetune_from is not None and step >= self.state.finetune_from
+        self.model.train()
+        with autocast(self.device, self.dtype):
+            loss, logs = objective(batch, 0.0 if finetune else None, self.generator)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return {"loss": loss.detach().float(), **{k: v.float() for k, v in logs.items()}}
+
+    # ------------------------------------------------------------------ logging, validation, checkpoints
+
+    def say(self, text: str) -> None:
+        """Print an informational line (rank 0, not with --quiet)."""
+        if self.info.is_main and not self.quiet:
+            self.console.print(text, soft_wrap=True)
+
+    def _log_interval(
+        self, sums: dict[str, Tensor], meter: _Meter, clock: _Clock, reporter: Reporter
+    ) -> None:
+        """Average the interval's scalars over steps and processes; log them (rank 0); stop on NaN."""
+        keys = sorted(sums)
+        values = torch.stack([sums[k] for k in keys]) / meter.steps
+        values = distributed.mean(values, self.info).tolist()
+        record = dict(zip(keys, values, strict=True))
+        if not math.isfinite(record["loss"]):
+            raise PhmdiffError(
+                f"training diverged: the loss is {record['loss']} at step {self.state.step}",
+                hint="lower --lr or use --precision fp32, then restart or --resume from the last checkpoint",
+                exit_code=EXIT_INTERNAL,
+            )
+        rate = meter.rate()
+        images_per_s = rate * self.settings.batch_size * self.info.world_size
+        reporter.update(
+            self.state.step,
+            loss=record["loss"],
+            images_per_s=images_per_s,
+            steps_per_s=rate,
+            elapsed=clock.elapsed(),
+        )
+        if self.info.is_main:
+            finetune = self.state.finetune_from is not None
+            self.run.log(
+                {
+                    "step": self.state.step,
+                    "elapsed_s": round(clock.elapsed(), 3),
+                    "lr": self.settings.lr_at(self.state.step - 1),
+                    "img_per_s": round(images_per_s, 3),
+                    "phase": "finetune" if finetune else "masked",
+                    **finite(record),
+                }
+            )
+
+    def _validate(self, clock: _Clock) -> None:
+        """Rank 0: validation of the EMA weights, the preview PNG, a log line, and best/ on a new best."""
+        if not self.info.is_main or self.val_set is None or self.ema is None:
+            return
+        s, state = self.settings, self.state
+        result: Validation = validate(
+            self.ema.module,
+            self.val_set,
+            self.val_keys,
+            steps=s.val_steps,
+            sampler=s.val_sampler,
+            batch_size=2 * s.batch_size,
+            device=self.device,
+            dtype=self.dtype,
+            seed=s.seed,
+        )
+        preview = self.run.samples / f"step-{state.step:07d}.png"
+        self.run.samples.mkdir(exist_ok=True)
+        write_preview(preview, result.preview)
+        state.val = finite({"step": state.step, "mean": result.mean, "pairs": result.pairs})
+        ssim = result.mean["ssim"]
+        best = math.isfinite(ssim) and (state.best_ssim is None or ssim > state.best_ssim)
+        if best:
+            state.best_ssim, state.best_step = ssim, state.step
+            save_model(self.run.best, self.ema.state_dict(), self._card(), force=True)
+        self.run.log(
+            {
+                "step": state.step,
+                "elapsed_s": round(clock.elapsed(), 3),
+                "val": state.val,
+                "best": best,
+                "preview": str(preview.relative_to(self.run.root)),
+            }
+        )
+        pairs = ", ".join(f"{k} {v['psnr']:.2f}/{v['ssim']:.3f}" for k, v in result.pairs.items())
+        self.say(
+            f"Step {state.step}: validation PSNR {result.mean['psnr']:.2f} dB, SSIM {ssim:.4f} "
+            f"({pairs}){' [bold green]best[/]' if best else ''}"
+        )
+
+    def _card(self) -> dict[str, Any]:
+        state = self.state
+        training = {
+            "data": self.data.summary.to_dict(),
+            "subjects": {
+                "train": self.data.train_ids,
+                "val": self.data.val_ids,
+                "split": self.data.split_rule,
+            },
+            "steps": state.step,
+            "elapsed_s": round(state.elapsed_s, 1),
+            "finetune_from": state.finetune_from,
+            "batch_size": self.settings.batch_size,
+            "processes": self.info.world_size,
+            "device": str(self.device),
+            "precision": str(self.dtype or "fp32"),
+            "seed": self.settings.seed,
+            "settings": self.settings.to_dict(),
+            "git_commit": self.commit,
+            "command": " ".join(sys.argv),
+        }
+        metrics = (
+            {}
+            if state.val is None
+            else {"val": {**state.val["pairs"], "mean": state.val["mean"]}, "val_step": state.val["step"]}
+        )
+        return build_card(self.config, self.data.pairs, training=training, metrics=metrics)
+
+    def _checkpoint(self, clock: _Clock) -> None:
+        """Rank 0: the resumable state (the commit point), then ``last/`` (EMA weights + card)."""
+        self.state.elapsed_s = clock.elapsed()
+        clock.last_checkpoint = time.monotonic()
+        self.saved_step = self.state.step
+        if not self.info.is_main or self.ema is None:
+            return
+        extra = {
+            "run": asdict(self.state),
+            "ema_updates": self.ema.updates,
+            "world_size": self.info.world_size,
+            "batch_size": self.settings.batch_size,
+            "scaler": self.scaler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        save_training_state(
+            self.run.state,
+            model=self.model.state_dict(),
+            ema=self.ema.state_dict(),
+            optimizer_state=self.optimizer.state_dict(),
+            extra=extra,
+        )
+        save_model(self.run.last, self.ema.state_dict(), self._card(), force=True)
+
+
+##################################################################################
+#                                   Entry point                                  #
+##################################################################################
+
+
+def _describe(trainer: Trainer) -> str:
+    cfg, data, info = trainer.config, trainer.data, trainer.info
+    params = sum(p.numel() for p in trainer.model.parameters()) / 1e6
+    val = f"{len(data.val_ids)} ({', '.join(data.val_ids)})" if data.val_ids else "none (no validation)"
+    precision = str(trainer.dtype or "fp32").replace("torch.", "")
+    return (
+        f"Model: PHMDiff {cfg.size}, {params:.2f} M parameters, {cfg.image_size} px at "
+        f"{cfg.spacing_mm:g} mm, {cfg.levels} levels, mask ratios {list(cfg.mask_ratios)}\n"
+        f"Pairs: {', '.join(map(str, data.pairs))}; subjects: {len(data.train_ids)} training, validation "
+        f"{val}\nDevice: {trainer.device} ({precision}), {info.world_size} process(es), batch "
+        f"{trainer.settings.batch_size} per process"
+    )
+
+
+def _model_config(settings: TrainSettings, data: TrainData) -> ModelConfig:
+    """The model configuration of a new run, with the grid spacing fitted to the data unless given."""
+    config = build_model_config(settings, sources=max(len(p.sources) for p in data.pairs))
+    if settings.spacing is None:
+        modalities = {m for p in data.pairs for m in (*p.sources, p.target)}
+        config = replace(config, spacing_mm=auto_spacing(data.summary, modalities, config.image_size))
+    return config
+
+
+def _new_run(
+    settings: TrainSettings, out: Path, data: TrainData, config: ModelConfig, force: bool
+) -> RunFolder:
+    """Rank 0: create the run folder; save the resolved settings, model config, split and data summary."""
+    run = RunFolder.create(out, force=force)
+    run.write_json(run.config, {"settings": settings.to_dict(), "model": config.to_dict()})
+    run.write_json(run.split, {"train": data.train_ids, "val": data.val_ids, "rule": data.split_rule})
+    run.write_json(run.data, data.summary.to_dict())
+    return run
+
+
+def train(
+    settings: TrainSettings,
+    out: Path,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    quiet: bool = False,
+    console: Console | None = None,
+) -> TrainResult:
+    """Train (or resume) a run in folder ``out``; under ``torchrun`` each process calls this.
+
+    Args:
+        settings: resolved settings (for ``resume``: those saved in the run folder, see
+            :func:`~phmdiff_cli.engine.settings.resumed_settings`).
+        out: the run folder.
+        resume: continue the run in ``out`` from its last checkpoint (from step 0 if it has none).
+        force: start ``out`` again if it is an existing run.
+        quiet: no progress display and no dataset table.
+        console: where rank 0 prints (default: stderr).
+
+    Raises:
+        InputError: bad data, settings or run folder (nothing is left behind by a new run that fails before
+            its first checkpoint).
+    """
+    console = console or Console(stderr=True, highlight=False)
+    info, device = distributed.init_distributed(settings.device)
+    created: Path | None = None
+    try:
+        if resume:
+            run = RunFolder.open(out)
+            data = load_data(settings, split=json.loads(run.split.read_text(encoding="utf-8")))
+            config = ModelConfig.from_dict(run.read_config()["model"])
+        else:
+            # The warm-up is fixed now: the step budget it derives from may change on resume.
+            settings = replace(settings, warmup_steps=settings.warmup)
+            data = load_data(settings)
+            config = _model_config(settings, data)
+            run, existed = RunFolder(Path(out)), Path(out).exists()
+            if info.is_main:
+                _new_run(settings, run.root, data, config, force)
+                created = None if existed else run.root
+            distributed.barrier(info)  # the run folder exists before any process writes its cache there
+        if info.is_main and not quiet:
+            console.print(data.summary.table())
+        trainer = Trainer(settings, config, data, run, info, device, console, quiet)
+        trainer.prepare_data()
+        if resume:
+            trainer.restore()
+            if info.is_main:
+                run.truncate_log(trainer.state.step)
+        trainer.say(_describe(trainer))
+        trainer.say(f"Run folder: {run.root} (continue an interrupted run with --resume)")
+        if resume and trainer.state.step:
+            trainer.say(f"Resuming at step {trainer.state.step}")
+        return trainer.fit()
+    except PhmdiffError:
+        if created is not None and not (created / "state").exists():
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+    finally:
+        distributed.shutdown(info)

@@ -1,0 +1,218 @@
+"""EDM maths, the schedulers against analytic ODE solutions, the pyramid sampler and the training loss."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from phmdiff_cli.config import model_config
+from phmdiff_cli.diffusion import EDMScheduler, sample, training_loss
+from phmdiff_cli.diffusion.cgr import cgr_feature, cgr_pixel, cgr_structure, gaussian_mmd
+from phmdiff_cli.diffusion.edm import karras_sigmas, precondition
+from phmdiff_cli.models import PHMDiff
+
+SIGMA_MAX = 80.0
+
+
+def _solve(solver: str, steps: int, denoiser, x0: torch.Tensor) -> torch.Tensor:
+    scheduler = EDMScheduler(solver, sigma_max=SIGMA_MAX)
+    scheduler.set_timesteps(steps)
+    x = x0 * scheduler.init_noise_sigma
+    for sigma in scheduler.timesteps:
+        x = scheduler.step(denoiser(x, sigma), x)
+    return x
+
+
+def _gaussian_problem(mu: float = 0.3, s: float = 0.5):
+    """Data N(mu, s^2): the ideal denoiser is linear and the probability-flow ODE has the closed-form solution
+    x(sigma) = mu + (x(sigma_max) - mu) * sqrt(s^2 + sigma^2) / sqrt(s^2 + sigma_max^2)."""
+    def denoiser(x: torch.Tensor, sigma: float) -> torch.Tensor:
+        return mu + s**2 / (s**2 + sigma**2) * (x - mu)
+
+    def exact(x_start: torch.Tensor) -> torch.Tensor:
+        return mu + (x_start - mu) * s / math.sqrt(s**2 + SIGMA_MAX**2)
+
+    return denoiser, exact
+
+
+def test_karras_schedule() -> None:
+    sigmas = karras_sigmas(5, 0.002, 80.0, 7.0)
+    assert len(sigmas) == 6 and sigmas[-1] == 0.0
+    assert sigmas[0] == pytest.approx(80.0) and sigmas[-2] == pytest.approx(0.002)
+    assert all(a > b for a, b in zip(sigmas, sigmas[1:], strict=False))
+    # Evenly spaced in sigma^(1/rho).
+    roots = [s ** (1 / 7) for s in sigmas[:-1]]
+    assert max(abs((b - a) - (roots[1] - roots[0])) for a, b in zip(roots, roots[1:], strict=False)) < 1e-9
+
+
+def test_heun_evaluates_twice_per_step_except_the_last() -> None:
+    heun, euler = EDMScheduler("heun"), EDMScheduler("euler")
+    heun.set_timesteps(6)
+    euler.set_timesteps(6)
+    assert len(heun.timesteps) == 11 and len(euler.timesteps) == 6
+    assert heun.timesteps[:3] == [heun.sigmas[0], heun.sigmas[1], heun.sigmas[1]]
+
+
+@pytest.mark.parametrize("solver", ["heun", "euler"])
+def test_point_mass_data_is_reached_exactly(solver: str) -> None:
+    """D(x, sigma) = y0 makes the ODE solution linear in sigma, which both solvers integrate exactly."""
+    y0 = torch.tensor([0.25, -0.5, 0.9])
+    start = torch.randn(3, generator=torch.Generator().manual_seed(0))
+    out = _solve(solver, 7, lambda x, sigma: y0.expand_as(x), start)
+    torch.testing.assert_close(out, y0, atol=1e-5, rtol=0)
+
+
+def test_heun_matches_the_analytic_gaussian_solution_with_second_order_convergence() -> None:
+    denoiser, exact = _gaussian_problem()
+    x0 = torch.linspace(-2, 2, 9)
+    x0 = x0.double()
+    def error(solver: str, steps: int) -> float:
+        return (_solve(solver, steps, denoiser, x0) - exact(x0 * SIGMA_MAX)).abs().max().item()
+
+    heun = [error("heun", n) for n in (16, 32, 64)]
+    euler = [error("euler", n) for n in (16, 32, 64)]
+    assert heun[2] < 5e-3 and heun[2] < euler[2] / 10
+    # Halving the step size divides the error by ~4 (order 2) for Heun, by ~2 (order 1) for Euler.
+    assert all(3.5 < a / b < 5.5 for a, b in zip(heun, heun[1:], strict=False))
+    assert all(1.8 < a / b < 2.2 for a, b in zip(euler, euler[1:], strict=False))
+
+
+@pytest.mark.parametrize(("solver", "expected"), [("heun", [-0.556224, 0.723314, 2.002852]),
+                                                    ("euler", [0.025071, 0.435924, 0.846776])])
+def test_golden_values_of_a_six_step_solve(solver: str, expected: list[float]) -> None:
+    """Full-loop regression values (diffusers-style) on the Gaussian problem, 6 steps from x(80) = 80 * x0.
+    Far from the exact (-0.2019, 0.5481, 1.2981): six Karras steps are coarse for this problem."""
+    denoiser, _ = _gaussian_problem()
+    out = _solve(solver, 6, denoiser, torch.tensor([-1.0, 0.5, 2.0], dtype=torch.float64))
+    torch.testing.assert_close(out, torch.tensor(expected, dtype=torch.float64), atol=2e-6, rtol=0)
+
+
+def test_preconditioning_identities() -> None:
+    sigma = torch.tensor([0.002, 0.5, 80.0])
+    c_skip, c_out, c_in, c_noise = precondition(sigma, 0.5)
+    weight = (sigma**2 + 0.25) / (sigma * 0.5) ** 2
+    torch.testing.assert_close((weight.reshape(-1, 1, 1, 1) * c_out**2).flatten(), torch.ones(3))
+    torch.testing.assert_close((c_in**2 * (sigma.reshape(-1, 1, 1, 1) ** 2 + 0.25)).flatten(), torch.ones(3))
+    assert c_skip[0].item() == pytest.approx(1.0, abs=1e-4) and c_skip[2].item() < 1e-4
+    torch.testing.assert_close(c_noise, sigma.log() / 4)
+
+
+def _batch(cfg, batch: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    side = cfg.image_size
+    return dict(
+        source=torch.rand(batch, cfg.max_sources, cfg.source_channels, side, side, generator=g) * 2 - 1,
+        src_mod=torch.tensor([[1, 3, 0]] * batch),
+        tgt_mod=torch.full((batch,), 4),
+        target=torch.rand(batch, 1, side, side, generator=g) * 2 - 1,
+    )
+
+
+def _tiny_model() -> PHMDiff:
+    torch.manual_seed(0)
+    model = PHMDiff(model_config("tiny")).eval()
+    with torch.no_grad():
+        for final in model.final_layers:  # non-zero output, so sampling depends on the network
+            final.linear.weight.normal_(0, 0.05)
+            final.adaLN_modulation[-1].bias.normal_(0, 0.5)
+    return model
+
+
+def test_sample_shapes_range_and_seeded_determinism() -> None:
+    model = _tiny_model()
+    b = _batch(model.config)
+    args = (model, b["source"], b["src_mod"], b["tgt_mod"])
+    mean, std = sample(*args, steps=[3, 2, 2], noise_seed=7)
+    again, _ = sample(*args, steps=[3, 2, 2], noise_seed=7)
+    other, _ = sample(*args, steps=[3, 2, 2], noise_seed=8)
+    euler, _ = sample(*args, steps=2, sampler="euler", noise_seed=7)
+    assert mean.shape == (2, 1, 64, 64) and std is None
+    assert mean.min() >= -1 and mean.max() <= 1
+    assert torch.equal(mean, again)
+    assert not torch.allclose(mean, other) and not torch.allclose(mean, euler)
+
+
+def test_seeded_noise_is_shared_across_the_batch() -> None:
+    """Slice 0 comes out the same whatever its batch neighbour is: same noise, and no cross-sample mixing."""
+    model = _tiny_model()
+    b1, b2 = _batch(model.config, seed=1), _batch(model.config, seed=2)
+    source = torch.stack([b1["source"][0], b2["source"][1]])
+    first, _ = sample(model, b1["source"], b1["src_mod"], b1["tgt_mod"], steps=2, noise_seed=3)
+    mixed, _ = sample(model, source, b1["src_mod"], b1["tgt_mod"], steps=2, noise_seed=3)
+    torch.testing.assert_close(first[0], mixed[0])
+    same = b1["source"][:1].expand(2, -1, -1, -1, -1)
+    twin, _ = sample(model, same, b1["src_mod"], b1["tgt_mod"], steps=2, noise_seed=3)
+    torch.testing.assert_close(twin[0], twin[1])
+
+
+def test_several_samples_give_mean_and_std() -> None:
+    model = _tiny_model()
+    b = _batch(model.config)
+    mean, std = sample(model, b["source"], b["src_mod"], b["tgt_mod"], steps=2, noise_seed=0, samples=3)
+    assert mean.shape == std.shape == (2, 1, 64, 64)
+    assert std.min() >= 0 and std.mean() > 0
+    single, _ = sample(model, b["source"], b["src_mod"], b["tgt_mod"], steps=2, noise_seed=0)
+    assert not torch.allclose(mean, single)
+
+
+def test_sampling_loop_never_syncs_with_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any Tensor -> Python conversion inside sampling would be a device sync on an accelerator."""
+    model = _tiny_model()
+    b = _batch(model.config)
+
+    def forbidden(*_args, **_kwargs):
+        raise AssertionError("host-device sync inside the sampling loop")
+
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    mean, _ = sample(model, b["source"], b["src_mod"], b["tgt_mod"], steps=2, noise_seed=0)
+    monkeypatch.undo()
+    assert mean.shape == (2, 1, 64, 64)
+
+
+def test_sample_rejects_wrong_shapes() -> None:
+    model = _tiny_model()
+    b = _batch(model.config)
+    with pytest.raises(ValueError, match="source must be"):
+        sample(model, b["source"][:, :2], b["src_mod"], b["tgt_mod"], steps=2)
+
+
+def test_training_loss_logs_and_gradients() -> None:
+    torch.manual_seed(0)
+    model = PHMDiff(model_config("tiny")).train()
+    loss, logs = training_loss(model, _batch(model.config), generator=torch.Generator().manual_seed(0))
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    expected = {"denoise", "mae", "cgr_pixel", "cgr_structure", "cgr_feature", "denoise_l0", "denoise_l2"}
+    assert expected <= set(logs)
+    assert logs["mae"] > 0
+    loss.backward()
+    for level in range(model.config.levels):
+        assert model.patch_embed[level].weight.grad.abs().sum() > 0
+    unmasked_loss, unmasked = training_loss(model, _batch(model.config), mask_ratio=0.0)
+    assert unmasked["mae"] == 0
+
+
+def test_cgr_weights_switch_terms_off() -> None:
+    torch.manual_seed(0)
+    model = PHMDiff(model_config("tiny")).train()
+    batch = _batch(model.config)
+    with_cgr, logs = training_loss(model, batch, generator=torch.Generator().manual_seed(0))
+    dcfg = model.config.diffusion
+    dcfg.cgr_pixel = dcfg.cgr_structure = dcfg.cgr_feature = 0.0
+    without, logs_off = training_loss(model, batch, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(logs["denoise"], logs_off["denoise"])
+    expected = 0.1 * logs["cgr_pixel"] + 0.05 * logs["cgr_structure"] + 0.01 * logs["cgr_feature"]
+    torch.testing.assert_close(with_cgr - without, expected, rtol=1e-4, atol=1e-6)
+    assert logs_off["cgr_pixel"] == 0
+
+
+def test_cgr_terms_vanish_for_consistent_levels() -> None:
+    fine = torch.rand(2, 1, 32, 32)
+    coarse = torch.nn.functional.avg_pool2d(fine, 2)
+    assert cgr_pixel(fine, coarse) == 0 and cgr_structure(fine, coarse) == 0
+    assert cgr_pixel(fine, coarse + 0.1) == pytest.approx(0.01)
+    feats = torch.randn(2, 50, 16)
+    assert gaussian_mmd(feats, feats).abs() < 1e-6
+    assert cgr_feature(feats, feats + 3.0 * torch.randn(2, 50, 16)) > 0.05

@@ -1,0 +1,202 @@
+"""`phmdiff synthesize` end to end on real volumes: output geometry, header, formats, units, determinism."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+from io_helpers import sitk_series
+from synthesize_helpers import T1N, T2W, correlation, crop_z, identity_sample, records, run, write_tiny_model
+
+from phmdiff_cli.data.normalize import fit_intensity
+from phmdiff_cli.engine import synthesizer
+from phmdiff_cli.io import read_volume
+from phmdiff_cli.io.dicom_read import is_dicom_file
+
+MR_SERIES = "dicom/mr_siemens_t1_mprage_vs-seg-001"
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("synthesize") / "model")
+
+
+@pytest.fixture(scope="module")
+def small_t1n(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8 slices of a BraTS T1 (through the tumour), with its grid."""
+    return crop_z(data_dir / T1N, tmp_path_factory.mktemp("crop") / "case-t1n.nii.gz", 70, 78)
+
+
+def _same_nifti_grid(output: Path, source: Path) -> None:
+    """Shape, affine, sform/qform (with codes) and header fields of ``output`` equal ``source``'s."""
+    out, src = nib.load(output), nib.load(source)
+    assert out.shape == src.shape
+    for getter in ("get_sform", "get_qform"):
+        (a, code_a), (b, code_b) = (
+            getattr(out.header, getter)(coded=True),
+            getattr(src.header, getter)(coded=True),
+        )
+        assert code_a == code_b and np.allclose(a, b, atol=1e-6)
+    for key in ("xyzt_units", "descrip", "qform_code", "sform_code"):
+        assert np.array_equal(out.header[key], src.header[key]), key
+    assert np.array_equal(out.header["pixdim"][:4], src.header["pixdim"][:4])  # 4-7 are unused in 3-D
+    assert read_volume(output).same_grid(read_volume(source), tol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "target"),
+    [
+        (T1N, "t2"),  # LPS, int16
+        ("brats/BraTS-MET-00110-000/BraTS-MET-00110-000-t1n.nii.gz", "t2w"),  # RAS
+        ("single_subject_t1_pd/chris_PD.nii.gz", "t1"),  # oblique affine, 2.4 mm slices
+    ],
+)
+def test_output_on_the_exact_input_grid_with_its_header(
+    data_dir: Path, tmp_path: Path, model: Path, monkeypatch: pytest.MonkeyPatch, name: str, target: str
+) -> None:
+    # With the identity stand-in the output must reproduce the input: any flip, shift or axis swap on the way
+    # through canonical orientation and the model grid would break the correlation.
+    monkeypatch.setattr(synthesizer, "sample", identity_sample)
+    source, out = data_dir / name, tmp_path / "out.nii.gz"
+    result = run("--src", source, "--target", target, "-o", out, "--model", model, "--json")
+    assert result.exit_code == 0, result.output
+    _same_nifti_grid(out, source)
+    src = read_volume(source).array.astype(np.float32)
+    syn = read_volume(out).array
+    hi = fit_intensity(src, read_volume(source).modality).hi
+    assert syn.dtype == np.float32 and syn.min() >= 0 and syn.max() <= hi * 1.0001  # the source's scale
+    reference = np.clip(src, 0, hi)
+    assert correlation(syn, reference) > 0.97
+
+    def error(ref: np.ndarray) -> float:
+        return float(np.abs(syn - ref).mean())
+
+    # A brain is nearly symmetric left-right, so a flip costs "only" 1.6x (oblique PD) to 2.3x the error.
+    assert error(reference) < 0.7 * min(error(np.flip(reference, axis)) for axis in range(3))
+    assert records(result)[0]["seconds"]["total"] > 0
+
+
+def test_dicom_output_reads_back_on_the_input_grid(small_t1n: Path, tmp_path: Path, model: Path) -> None:
+    out = tmp_path / "t2w_dicom"
+    result = run("--src", small_t1n, "--target", "t2w", "-o", out, "--model", model, "--steps", "1")
+    assert result.exit_code == 0, result.output
+    image, source = sitk_series(out), read_volume(small_t1n)
+    assert image.GetSize() == source.size
+    np.testing.assert_allclose(image.GetSpacing(), source.spacing, atol=1e-5)
+    np.testing.assert_allclose(image.GetOrigin(), source.origin, atol=1e-4)
+    np.testing.assert_allclose(image.GetDirection(), source.direction, atol=1e-5)
+    first = pydicom.dcmread(next(p for p in sorted(out.iterdir()) if is_dicom_file(p)))
+    assert first.Modality == "MR" and "DERIVED" in first.ImageType
+    # An empty existing folder is filled rather than refused.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert (
+        run("--src", small_t1n, "--target", "t2w", "-o", empty, "--model", model, "--steps", "1").exit_code
+        == 0
+    )
+    assert len([p for p in empty.iterdir() if is_dicom_file(p)]) == source.shape[0]
+
+
+@pytest.fixture(scope="module")
+def mr_series(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """24 consecutive slices of the real Siemens MPRAGE series (links to its files): a fast real series."""
+    files = [p for p in (data_dir / MR_SERIES).iterdir() if is_dicom_file(p)]
+    position = {p: float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]) for p in files}
+    folder = tmp_path_factory.mktemp("series") / "t1_mprage"
+    folder.mkdir()
+    for path in sorted(files, key=position.__getitem__)[48:72]:
+        (folder / path.name).symlink_to(path)
+    return folder
+
+
+@pytest.mark.slow
+def test_dicom_series_input_to_nifti_and_to_a_derived_series(
+    mr_series: Path, tmp_path: Path, model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(synthesizer, "sample", identity_sample)
+    nifti, dicom = tmp_path / "t2w.nii", tmp_path / "t2w"
+    result = run("--src", mr_series, "--target", "t2w", "-o", nifti, "--model", model, "--json", "-q")
+    assert result.exit_code == 0, result.output
+    assert records(result)[0]["sources"][0]["modality"] == "t1n"  # from the series description
+    source, syn = read_volume(mr_series), read_volume(nifti)
+    assert source.shape == (24, 512, 512) and syn.same_grid(source, tol=1e-4)
+    assert correlation(syn.array, np.clip(source.array, 0, None)) > 0.9
+    result = run("--src", mr_series, "--target", "t2w", "-o", dicom, "--format", "dicom", "--model", model)
+    assert result.exit_code == 0, result.output
+    image = sitk_series(dicom)
+    assert image.GetSize() == source.size
+    np.testing.assert_allclose(image.GetSpacing(), source.spacing, atol=1e-5)
+    np.testing.assert_allclose(image.GetOrigin(), source.origin, atol=1e-4)
+    np.testing.assert_allclose(image.GetDirection(), source.direction, atol=1e-5)
+    derived = pydicom.dcmread(next(p for p in sorted(dicom.iterdir()) if is_dicom_file(p)))
+    original = pydicom.dcmread(next(mr_series.iterdir()))
+    assert derived.StudyInstanceUID == original.StudyInstanceUID and derived.PatientID == original.PatientID
+    assert derived.SeriesInstanceUID != original.SeriesInstanceUID and "DERIVED" in derived.ImageType
+
+
+def test_ct_target_is_int16_hounsfield_units(data_dir: Path, tmp_path: Path, model: Path) -> None:
+    source = data_dir / "ct/totalsegmentator_example_mr_sm_3mm.nii.gz"  # body MR, modality "mr" from the name
+    out = tmp_path / "sct.nii.gz"
+    assert run("--src", source, "--target", "ct", "-o", out, "--model", model, "--steps", "1").exit_code == 0
+    ct = read_volume(out)
+    assert ct.array.dtype == np.int16 and ct.same_grid(read_volume(source), tol=1e-6)
+    assert -1024 <= ct.array.min() and ct.array.max() <= 3000 and len(np.unique(ct.array)) > 100
+
+
+@pytest.mark.slow
+def test_fixed_seed_is_deterministic_and_batching_does_not_change_the_output(
+    small_t1n: Path, tmp_path: Path, model: Path
+) -> None:
+    def synth(name: str, *extra: str) -> np.ndarray:
+        out = tmp_path / f"{name}.nii.gz"
+        result = run("--src", small_t1n, "--target", "t2w", "-o", out, "--model", model, "--steps", "1",
+                     *extra)
+        assert result.exit_code == 0, result.output
+        return read_volume(out).array
+
+    first, again, other = synth("a", "--seed", "7"), synth("b", "--seed", "7"), synth("c", "--seed", "8")
+    assert np.array_equal(first, again)
+    assert np.abs(first - other).mean() > 0.01 * first.max()
+    # The noise is shared by every slice, so slices sampled 3 at a time (and the edge slices, whose 2.5D
+    # context repeats the border) come out as in one batch.
+    np.testing.assert_allclose(synth("d", "--seed", "7", "--batch-size", "3"), first, atol=1e-3 * first.max())
+
+
+def test_samples_write_a_standard_deviation_map(small_t1n: Path, tmp_path: Path, model: Path) -> None:
+    out, std = tmp_path / "mean.nii.gz", tmp_path / "std.nii.gz"
+    result = run("--src", small_t1n, "--target", "t2w", "-o", out, "--model", model, "--steps", "1",
+                 "--samples", "2", "--uncertainty", std, "--json")
+    assert result.exit_code == 0, result.output
+    assert records(result)[0]["uncertainty"] == str(std)
+    mean, spread = read_volume(out), read_volume(std)
+    assert spread.same_grid(mean, tol=1e-6) and spread.array.dtype == np.float32
+    assert spread.array.min() >= 0 and spread.array.max() > 0
+
+
+def test_sources_on_other_grids_are_resampled_onto_the_first(
+    data_dir: Path, tmp_path: Path, model: Path, small_t1n: Path
+) -> None:
+    # A T2 of the same subject with other slices: not on the T1's grid. Given first, the T2 sets the grid.
+    t2w = crop_z(data_dir / T2W, tmp_path / "case-t2w.nii.gz", 65, 85)
+    out = tmp_path / "t2f.nii.gz"
+    result = run("--src", t2w, "--src", small_t1n, "--target", "flair", "-o", out, "--model", model,
+                 "--steps", "1", "--json")
+    assert result.exit_code == 0, result.output
+    record = records(result)[0]
+    assert record["pair"] == "t1n+t2w:t2f" and "resampled" in record["notes"][0]
+    assert read_volume(out).same_grid(read_volume(t2w), tol=1e-6)
+
+
+def test_progress_messages_and_quiet(small_t1n: Path, tmp_path: Path, model: Path) -> None:
+    loud = run("--src", small_t1n, "--target", "t2w", "-o", tmp_path / "a.nii.gz", "--model", model,
+               "--steps", "1", "--batch-size", "2")  # the estimate comes after a first batch, not the last
+    assert "Estimated time" in loud.stderr and "Wrote" in loud.stderr and loud.stdout == ""
+    quiet = run("--src", small_t1n, "--target", "t2w", "-o", tmp_path / "b.nii.gz", "--model", model,
+                "--steps", "1", "--quiet")
+    assert quiet.exit_code == 0 and quiet.stderr == "" and quiet.stdout == ""
+    assert sitk.ReadImage(str(tmp_path / "b.nii.gz")).GetSize() == read_volume(small_t1n).size
