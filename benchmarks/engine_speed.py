@@ -285,7 +285,9 @@ def main() -> None:
     batch = brats_batch(args.batch, model_config("small").max_sources)
     cases = build_cases(batch, {k: v[: args.unet_batch] for k, v in batch.items()})
     flops = {case: flops_of(lambda c=case: c.loss().backward()) for case in cases}  # forward + backward
-    eager: list[Key] = [(case, p, False) for case in cases for p in PRECISIONS]
+    # The 75 % mask row only answers "how does speed scale with the ratio": fp32 is enough.
+    eager: list[Key] = [(case, p, False) for case in cases for p in PRECISIONS
+                        if not (case.name == "phmdiff-mask0.75" and p != "fp32")]
     first = {key: warm_up(key) for key in eager}
     seconds = time_rounds(eager, rounds, iters)
     compiled: list[Key] = []

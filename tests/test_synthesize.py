@@ -14,6 +14,7 @@ from synthesize_helpers import T1N, T2W, correlation, crop_z, identity_sample, r
 
 from phmdiff_cli.data.normalize import fit_intensity
 from phmdiff_cli.engine import synthesizer
+from phmdiff_cli.errors import EXIT_BAD_INPUT
 from phmdiff_cli.io import read_volume
 from phmdiff_cli.io.dicom_read import is_dicom_file
 
@@ -200,3 +201,24 @@ def test_progress_messages_and_quiet(small_t1n: Path, tmp_path: Path, model: Pat
                 "--steps", "1", "--quiet")
     assert quiet.exit_code == 0 and quiet.stderr == "" and quiet.stdout == ""
     assert sitk.ReadImage(str(tmp_path / "b.nii.gz")).GetSize() == read_volume(small_t1n).size
+
+
+def test_series_uid_picks_one_series_of_a_mixed_folder(
+    mr_series: Path, data_dir: Path, tmp_path: Path, model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(synthesizer, "sample", identity_sample)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for path in mr_series.iterdir():
+        (mixed / path.name).symlink_to(path.resolve())
+    ct_files = sorted(p for p in (data_dir / "dicom/ct_siemens_body_jpeg2000_totalsegmentator").iterdir()
+                      if is_dicom_file(p))[:3]
+    for n, path in enumerate(ct_files):
+        (mixed / f"ct{n}.dcm").symlink_to(path)
+    out = tmp_path / "t2w.nii"
+    refused = run("--src", mixed, "--src-modality", "t1n", "--target", "t2w", "-o", out, "--model", model)
+    assert refused.exit_code == EXIT_BAD_INPUT and "--series-uid" in refused.stderr and not out.exists()
+    uid = str(pydicom.dcmread(next(mr_series.iterdir()), stop_before_pixels=True).SeriesInstanceUID)
+    picked = run("--src", mixed, "--series-uid", uid, "--target", "t2w", "-o", out, "--model", model, "-q")
+    assert picked.exit_code == 0, picked.output
+    assert read_volume(out).same_grid(read_volume(mr_series), tol=1e-4)

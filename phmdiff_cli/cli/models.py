@@ -10,7 +10,6 @@ from rich.json import JSON
 from rich.table import Table
 
 from phmdiff_cli.cli.common import cli_command, console, emit_json
-from phmdiff_cli.engine.checkpoint import describe_model, read_card
 from phmdiff_cli.engine.hub import WEIGHTS_ENV, available_models, resolve_model
 from phmdiff_cli.errors import InputError
 
@@ -61,6 +60,8 @@ def _size(n: float, unit: str) -> str:
 
 def _summaries() -> list[dict[str, Any]]:
     """One summary per named model; an unreadable model gets an ``error`` entry, not a failure."""
+    from phmdiff_cli.engine.checkpoint import describe_model  # imports torch: only when needed
+
     rows = []
     for name, folder in available_models().items():
         try:
@@ -103,6 +104,8 @@ def model_info(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
     """Show a model's card: architecture, pairs, grid, normalisation, training data, metrics, sha256."""
+    from phmdiff_cli.engine.checkpoint import describe_model, read_card  # imports torch: only when needed
+
     path = resolve_model(model)
     summary = describe_model(path)
     card = read_card(path)

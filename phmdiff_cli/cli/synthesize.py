@@ -167,7 +167,16 @@ def _plan_cases(
     return cases
 
 
-def _read_sources(case: _Case, modalities: list[str]) -> list[Volume]:
+@dataclass(frozen=True)
+class _Reading:
+    """How sources are read: their modalities when given (``--src-modality``), the DICOM series to pick."""
+
+    modalities: list[str]
+    series_uid: str | None
+
+
+def _read_sources(case: _Case, reading: _Reading) -> list[Volume]:
+    modalities = reading.modalities
     if modalities and len(modalities) != len(case.sources):
         raise InputError(
             f"{len(modalities)} --src-modality for {len(case.sources)} sources",
@@ -175,7 +184,7 @@ def _read_sources(case: _Case, modalities: list[str]) -> list[Volume]:
         )
     volumes = []
     for n, path in enumerate(case.sources):
-        volume = read_volume(path)
+        volume = read_volume(path, series_uid=reading.series_uid if path.is_dir() else None)
         volume.modality = modalities[n] if modalities else volume.modality
         if volume.modality is None:
             raise InputError(
@@ -241,6 +250,9 @@ def synthesize(
         None,
         "--src-modality",
         help="Modality of each source, in --src order, when the name or header does not tell it.",
+    ),
+    series_uid: str | None = typer.Option(
+        None, "--series-uid", help="The DICOM series to read from source folders that hold several."
     ),
     list_file: str | None = typer.Option(
         None,
@@ -352,7 +364,8 @@ def synthesize(
         )
 
     started = time.perf_counter()
-    records = _run_all(cases, synth, target, modalities, fmt, common, batch=batch, quiet=quiet)
+    reading = _Reading(modalities, series_uid)
+    records = _run_all(cases, synth, target, reading, fmt, common, batch=batch, quiet=quiet)
     failed = [c for c in cases if c.error is not None]
     document = {
         **common,
@@ -379,7 +392,7 @@ def _run_all(
     cases: list[_Case],
     synth: Synthesizer | None,
     target: str,
-    modalities: list[str],
+    reading: _Reading,
     fmt: str | None,
     common: dict[str, Any],
     *,
@@ -418,7 +431,7 @@ def _run_all(
 
             if case.error is None and synth is not None:
                 try:
-                    records.append(_run_case(case, synth, target, modalities, fmt, common, on_batch, quiet))
+                    records.append(_run_case(case, synth, target, reading, fmt, common, on_batch, quiet))
                 except PhmdiffError as error:
                     case.error = error
                 except Exception as error:  # noqa: BLE001 - in batch mode one bad case must not stop the rest
@@ -454,7 +467,7 @@ def _run_case(
     case: _Case,
     synth: Synthesizer,
     target: str,
-    modalities: list[str],
+    reading: _Reading,
     fmt: str | None,
     common: dict[str, Any],
     on_batch: Any,
@@ -462,7 +475,7 @@ def _run_case(
 ) -> dict[str, Any]:
     """Read, synthesize and write one case; its JSON record."""
     start = time.perf_counter()
-    volumes = _read_sources(case, modalities)
+    volumes = _read_sources(case, reading)
     read_s = time.perf_counter() - start
     result = synth.run(volumes, target, on_batch=on_batch)
     if not quiet:

@@ -34,6 +34,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from phmdiff_cli import __version__
+from phmdiff_cli.engine.hub import CARD_FILE, WEIGHTS_FILE
 from phmdiff_cli.errors import InputError
 from phmdiff_cli.io.atomic import atomic_path, share_permissions
 from phmdiff_cli.modalities import MODALITIES
@@ -45,8 +46,6 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "WEIGHTS_FILE", "CARD_FILE", "CARD_KEYS",
 FORMAT = "phmdiff-model"
 #: Bump when a reader of the old format would misread the new one; older readers then refuse newer cards.
 FORMAT_VERSION = 1
-WEIGHTS_FILE = "model.safetensors"
-CARD_FILE = "config.json"
 #: Keys every model card has, with their JSON types; "training", "metrics", "modalities" are optional.
 CARD_KEYS: dict[str, type] = {"format": str, "format_version": int, "model": dict, "pairs": list,
                               "grid": dict, "normalisation": dict, "sha256": str}

@@ -10,12 +10,14 @@ import os
 import re
 from pathlib import Path
 
-from phmdiff_cli.engine.checkpoint import CARD_FILE, WEIGHTS_FILE
 from phmdiff_cli.errors import InputError
 
-__all__ = ["DEFAULT_MODEL", "HF_SCHEME", "WEIGHTS_ENV", "SHIPPED_WEIGHTS", "RUN_SUBFOLDERS", "weights_dirs",
+__all__ = ["WEIGHTS_FILE", "CARD_FILE", "DEFAULT_MODEL", "HF_SCHEME", "WEIGHTS_ENV", "SHIPPED_WEIGHTS", "RUN_SUBFOLDERS", "weights_dirs",
            "available_models", "resolve_model"]
 
+#: A model folder holds these two files (this module imports no torch, so the CLI starts fast).
+WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "config.json"
 #: The model ``--model`` defaults to: ``weights/brain-small/`` once it is trained and shipped.
 DEFAULT_MODEL = "brain-small"
 HF_SCHEME = "hf://"
