@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_helpers import one_thread  # noqa: F401  (autouse fixture)
 
 from phmdiff_cli.config import model_config
+from phmdiff_cli.engine.checkpoint import clean_state_dict
 from phmdiff_cli.engine.device import (
     autocast,
-    clean_state_dict,
     compile_model,
     cpu_has_amx,
     grad_scaler,

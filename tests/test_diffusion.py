@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from engine_helpers import one_thread  # noqa: F401  (autouse fixture)
 
 from phmdiff_cli.config import model_config
 from phmdiff_cli.diffusion import EDMScheduler, sample, training_loss

@@ -1,5 +1,5 @@
-"""The tiny model learns on real BraTS slices: its denoising loss falls within 40 CPU steps
-(about 1.45 -> 0.6 on held-out slices; 0.4 after 120 steps)."""
+"""The tiny model learns on real BraTS slices: its denoising loss on held-out slices falls by more than half
+within 100 CPU steps (about 1.5 -> 0.4; ~8 s on one core)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from engine_helpers import one_thread  # noqa: F401  (autouse fixture)
 
 from phmdiff_cli.config import model_config
 from phmdiff_cli.data.normalize import fit_intensity, to_model_range
@@ -58,11 +59,11 @@ def test_tiny_model_loss_falls_on_real_brats_slices(brats_dir: Path) -> None:
     before = _eval_loss(model, held_out)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     generator = torch.Generator().manual_seed(0)
-    for _ in range(40):
+    for _ in range(100):
         pick = torch.randint(len(train["target"]), (8,), generator=generator)
         loss, _ = training_loss(model, {k: v[pick] for k, v in train.items()}, generator=generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
     after = _eval_loss(model, held_out)
-    assert after < 0.6 * before, (before, after)
+    assert after < 0.5 * before, (before, after)

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from engine_helpers import one_thread  # noqa: F401  (autouse fixture)
 
 from phmdiff_cli.config import SIZES, ModelConfig, model_config
 from phmdiff_cli.errors import InputError

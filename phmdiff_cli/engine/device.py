@@ -18,7 +18,7 @@ from torch import nn
 from phmdiff_cli.errors import InputError
 
 __all__ = ["resolve_device", "resolve_precision", "cpu_has_amx", "autocast", "grad_scaler", "compile_model",
-           "clean_state_dict", "unwrap_model"]
+           "unwrap_model"]
 
 _PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
@@ -120,8 +120,3 @@ def compile_model(model: nn.Module, **options: object) -> nn.Module:
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The module inside a ``torch.compile(model)`` wrapper (``_orig_mod``), or the model itself."""
     return getattr(model, "_orig_mod", model)
-
-
-def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A state dict without the ``_orig_mod.`` prefixes that ``torch.compile`` wrappers add (at any depth)."""
-    return {key.replace("_orig_mod.", ""): value for key, value in state.items()}
