@@ -20,6 +20,7 @@ import numpy as np
 from phmdiff_cli.data.layouts import LABEL_KEY, discover, is_image_file
 from phmdiff_cli.errors import InputError
 from phmdiff_cli.io import Volume, read_volume
+from phmdiff_cli.io.orientation import orientation_code
 from phmdiff_cli.modalities import ALIASES, canonical_modality, modality_from_filename
 
 __all__ = ["Case", "Pairing", "target_key", "find_references", "pair_folders", "load_case", "MASK_MODES"]
@@ -194,7 +195,8 @@ def _grid_text(volume: Volume) -> str:
     def fmt(values: tuple[float, ...]) -> str:
         return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
 
-    return f"size {volume.size}, spacing {fmt(volume.spacing)} mm, origin {fmt(volume.origin)} mm"
+    return (f"size {volume.size}, spacing {fmt(volume.spacing)} mm, origin {fmt(volume.origin)} mm, "
+            f"axes {orientation_code(volume.direction)}")
 
 
 def _on_ref_grid(
