@@ -214,3 +214,17 @@ def test_out_of_memory_retries_with_smaller_batches(
     monkeypatch.setattr(synthesizer, "sample", small_memory(0, MemoryError()))
     result = run("--src", cases[0], "--target", "t2w", "-o", tmp_path / "x.nii.gz", "--model", model)
     assert result.exit_code == EXIT_INTERNAL and "out of memory even with one slice" in result.stderr
+
+
+def test_output_may_not_replace_a_source_folder_even_with_force(cases: list[Path], model: Path) -> None:
+    folder = cases[0].parent
+    before = sorted(p.name for p in folder.iterdir())
+    result = run("--src", cases[0], "--target", "t2w", "-o", folder, "--model", model, "--force")
+    assert result.exit_code == EXIT_BAD_INPUT and "would replace the source" in result.stderr
+    assert sorted(p.name for p in folder.iterdir()) == before
+
+
+def test_malformed_output_pattern_is_a_usage_error(cases: list[Path], tmp_path: Path, model: Path) -> None:
+    result = run("--src", cases[0], "--target", "t2w", "-o", str(tmp_path / "{stem.foo}.nii.gz"), "--model", model)
+    assert result.exit_code == EXIT_BAD_INPUT and "bad output pattern" in result.stderr
+

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from phmdiff_cli.errors import EXIT_INTERNAL, InputError, PhmdiffError
 
@@ -36,7 +37,7 @@ class _ConsoleHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         prefix = "[yellow]Warning:[/] " if record.levelno >= logging.WARNING else ""
-        console.print(prefix + record.getMessage().replace("[", "\\["), soft_wrap=True)
+        console.print(prefix + escape(record.getMessage()), soft_wrap=True)
 
 
 def setup_logging() -> None:
@@ -54,9 +55,10 @@ def setup_logging() -> None:
 
 def fail(error: PhmdiffError) -> typer.Exit:
     """Print ``Error: <file>: <problem>`` (+ hint) on stderr and return the Exit to raise."""
-    console.print(f"[bold red]Error:[/] {error.message}", soft_wrap=True, markup=True)
+    # Messages hold user paths, which may contain [brackets]: never let rich read them as markup.
+    console.print(f"[bold red]Error:[/] {escape(error.message)}", soft_wrap=True)
     if error.hint:
-        console.print(f"[dim]Hint: {error.hint}[/]", soft_wrap=True)
+        console.print(f"[dim]Hint: {escape(error.hint)}[/]", soft_wrap=True)
     return typer.Exit(error.exit_code)
 
 def cli_command(fn: F) -> F:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
 
@@ -252,7 +253,7 @@ def evaluate(
     with Progress(console=console, transient=True, disable=quiet or not console.is_terminal) as progress:
         task = progress.add_task("Evaluating", total=len(pairing.cases))
         for case in pairing.cases:
-            progress.update(task, description=f"Evaluating {case.id}")
+            progress.update(task, description=f"Evaluating {escape(case.id)}")
             scores, conventions = _score_case(case, settings, target, resample)
             extra = {k: conventions[k] for k in ("data_range", "mask_voxels") if k in conventions}
             rows.append(
@@ -260,7 +261,7 @@ def evaluate(
             )
             progress.advance(task)
     per_case_range = conventions.get("norm") == "none" and settings.data_range is None
-    console.print(f"Conventions: {_describe(conventions, per_case_range)}", soft_wrap=True)
+    console.print(f"Conventions: {_describe(conventions, per_case_range)}", soft_wrap=True, markup=False)
     columns = list(dict.fromkeys(c for row in rows for c in row["metrics"]))
     summary = summarize([row["metrics"] for row in rows])
     if pairing.no_reference:
@@ -296,6 +297,6 @@ def evaluate(
         _print_table(rows, columns, summary)
     if csv_path is not None:
         _write_csv(csv_path, rows, columns, force)
-        console.print(f"Wrote {csv_path}")
+        console.print(f"Wrote {csv_path}", markup=False)
     if pairing.no_prediction:
         raise typer.Exit(EXIT_PARTIAL)

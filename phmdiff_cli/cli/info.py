@@ -7,6 +7,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from phmdiff_cli.cli.common import cli_command, console, emit_json
@@ -70,7 +71,7 @@ def info(
     Orientation letters say where the x, y, z voxel axes point in LPS space (SimpleITK's convention: an
     identity direction is 'LPS'). Exit code 2 on unreadable or malformed input.
     """
-    with console.status(f"Reading {image}", spinner="dots"):
+    with console.status(f"Reading {escape(str(image))}", spinner="dots"):
         summary = volume_info(read_volume(image, series_uid=series_uid))
     if json_output:
         emit_json(summary)

@@ -7,6 +7,7 @@ from typing import Any
 import typer
 from rich.console import Console
 from rich.json import JSON
+from rich.markup import escape
 from rich.table import Table
 
 from phmdiff_cli.cli.common import cli_command, console, emit_json
@@ -113,7 +114,7 @@ def model_info(
         emit_json({"name": model, **summary, "card": card})
         return
     out = _stdout()
-    out.print(f"[bold]{model}[/]  {summary['path']}")
+    out.print(f"[bold]{escape(model)}[/]  {escape(summary['path'])}")
     out.print(f"pairs {_pairs(card['pairs'])} | grid {_grid(card['grid'])} | "
                   f"{_size(summary['params'], '')} parameters | {_size(summary['file_bytes'], 'B')}")
     out.print(JSON.from_data(card))

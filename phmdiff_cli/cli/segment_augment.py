@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -304,7 +305,7 @@ def segment_augment(
             soft_wrap=True,
         )
         for note in notes:
-            console.print(f"[yellow]Note:[/] {note}", soft_wrap=True)
+            console.print(f"[yellow]Note:[/] {escape(note)}", soft_wrap=True)
     if seg is not None:
         started = time.perf_counter()
         document["evaluation"] = _evaluate(out, entries, channels, values, seg, dev, dtype, dropped, quiet)
@@ -393,7 +394,7 @@ def _build(
 
         def advance(entry: Entry) -> None:
             what = f"{entry.subject} {entry.key}" + (" (synthetic)" if entry.synthetic else "")
-            progress.update(task, advance=1, description=f"Writing {what}")
+            progress.update(task, advance=1, description=f"Writing {escape(what)}")
 
         entries = augment_dataset(dataset, tmp, jobs, synthesize_fn(synth, notes), link=link, on_file=advance)
         channels, values = channels_of(dataset, entries), label_values(tmp, entries)
@@ -448,7 +449,7 @@ def _finish(
         _print_table(evaluation)
     if evaluation is not None and not quiet:
         for note in evaluation["notes"]:
-            console.print(f"[yellow]Note:[/] {note}", soft_wrap=True)
+            console.print(f"[yellow]Note:[/] {escape(note)}", soft_wrap=True)
     if report is not None:
         with atomic_path(report, force=force) as tmp:
             tmp.write_text(json.dumps({**_environment(), **clean}, indent=2) + "\n", encoding="utf-8")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -101,7 +102,7 @@ def fill_pattern(pattern: str, source: Path) -> Path:
     stem = next((name[: -len(s)] for s in _IMAGE_SUFFIXES if name.lower().endswith(s)), name)
     try:
         return Path(pattern.format(stem=stem, name=name, parent=str(source.parent)))
-    except (KeyError, IndexError, ValueError) as error:
+    except (KeyError, IndexError, ValueError, AttributeError, TypeError) as error:
         raise InputError(
             f"bad output pattern {pattern!r} ({type(error).__name__}: {error})", hint=_PATTERN_HINT
         ) from None
@@ -116,7 +117,7 @@ def _writable(path: Path, fmt: str, force: bool) -> bool:
     receive a DICOM series)."""
     if fmt == "dicom" and path.is_dir() and not any(path.iterdir()):
         return True
-    check_output(path, force=force)
+    check_output(path, force=force, directory=fmt == "dicom")
     return force
 
 
@@ -138,6 +139,10 @@ def _plan(
                 hint="add {parent} or {stem} to the output pattern",
             )
         taken[key] = case.index
+        inside = [src for src in case.sources if src.resolve() == key or key in src.resolve().parents]
+        if inside:
+            raise InputError(f"the output would replace the source {inside[0]}", path=path,
+                             hint="write the output somewhere else")
         forces.append(_writable(path, output_format(path, path_fmt), force))
     case.force = (forces[0], forces[-1])
 
@@ -283,7 +288,7 @@ def synthesize(
         None, "--sampler", help="heun (2nd order) or euler; default: the model's."
     ),
     seed: int = typer.Option(
-        0, "--seed", help="Seed of the noise shared by all slices (same seed, same output)."
+        0, "--seed", min=0, max=2**63 - 1, help="Seed of the noise shared by all slices (same seed, same output)."
     ),
     batch_size: int | None = typer.Option(
         None,
@@ -480,14 +485,14 @@ def _run_case(
     result = synth.run(volumes, target, on_batch=on_batch)
     if not quiet:
         for note in result.notes:
-            console.print(f"[yellow]Note:[/] {note}", soft_wrap=True)
+            console.print(f"[yellow]Note:[/] {escape(note)}", soft_wrap=True)
     write_start = time.perf_counter()
     write_volume(result.image, case.output, force=case.force[0], format=fmt)  # type: ignore[arg-type]
     if case.uncertainty is not None and result.std is not None:  # --uncertainty requires --samples >= 2
         write_volume(result.std, case.uncertainty, force=case.force[1])
     total = time.perf_counter() - start
     if not quiet:
-        console.print(f"Wrote {case.output} ({result.pair}, {result.slices} slices, {_duration(total)})")
+        console.print(f"Wrote {case.output} ({result.pair}, {result.slices} slices, {_duration(total)})", markup=False)
     seconds = {"read": read_s, **result.seconds, "write": time.perf_counter() - write_start, "total": total}
     return {
         "index": case.index,

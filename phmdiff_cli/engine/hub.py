@@ -12,8 +12,8 @@ from pathlib import Path
 
 from phmdiff_cli.errors import InputError
 
-__all__ = ["WEIGHTS_FILE", "CARD_FILE", "DEFAULT_MODEL", "HF_SCHEME", "WEIGHTS_ENV", "SHIPPED_WEIGHTS", "RUN_SUBFOLDERS", "weights_dirs",
-           "available_models", "resolve_model"]
+__all__ = ["WEIGHTS_FILE", "CARD_FILE", "DEFAULT_MODEL", "HF_SCHEME", "WEIGHTS_ENV", "SHIPPED_WEIGHTS",
+           "RUN_SUBFOLDERS", "weights_dirs", "available_models", "resolve_model"]
 
 #: A model folder holds these two files (this module imports no torch, so the CLI starts fast).
 WEIGHTS_FILE = "model.safetensors"

@@ -195,7 +195,7 @@ class Synthesizer:
         settings: SynthesisSettings,
     ) -> None:
         cfg = pretrained.config
-        steps = settings.steps or cfg.sampling.steps
+        steps = cfg.sampling.steps if settings.steps is None else settings.steps
         self.steps = (steps,) * cfg.levels if isinstance(steps, int) else tuple(steps)
         if len(self.steps) != cfg.levels or min(self.steps) < 1:
             raise InputError(

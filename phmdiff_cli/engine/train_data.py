@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 
 from phmdiff_cli.config import ModelConfig
 from phmdiff_cli.data.grid import GridCropWarning, ModelGrid
@@ -182,6 +183,6 @@ def slice_dataset(
         for message in dict.fromkeys(
             str(w.message) for w in caught if issubclass(w.category, GridCropWarning)
         ):
-            console.print(f"[yellow]Warning:[/] {message}", soft_wrap=True)
+            console.print(f"[yellow]Warning:[/] {escape(str(message))}", soft_wrap=True)
             console.print("[dim]Hint: pass a larger --spacing so the model grid covers the anatomy[/]")
     return dataset

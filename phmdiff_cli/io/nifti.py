@@ -156,6 +156,9 @@ def _header_for(volume: Volume, affine: np.ndarray) -> nib.Nifti1Header:
         if chosen is not None and np.allclose(chosen, affine, rtol=0, atol=1e-5):
             header = source.copy()
             header.set_data_shape(volume.size)
+            # Geometry is what is kept; the display window and intent described the source's values.
+            header["cal_min"], header["cal_max"] = 0.0, 0.0
+            header.set_intent("none")
             return header
     header = nib.Nifti1Header()
     header.set_data_shape(volume.size)
