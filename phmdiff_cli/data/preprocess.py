@@ -24,7 +24,7 @@ from phmdiff_cli.data.normalize import (
     to_model_range,
 )
 from phmdiff_cli.errors import InputError
-from phmdiff_cli.io import Volume, from_canonical, read_volume, to_canonical
+from phmdiff_cli.io import Volume, canonical_grid, from_canonical, read_volume, to_canonical
 
 __all__ = ["Prepared", "prepare_volume", "restore_volume", "resample_onto", "load_subject"]
 
@@ -107,7 +107,8 @@ def restore_volume(
         float32 values in file units (CT: HU) on ``reference``'s grid; modality ``params.modality``.
     """
     canonical = from_model_range(from_model_grid(slices, transform), params)
-    grid_volume = to_canonical(reference).with_array(canonical, modality=params.modality)
+    # The canonical grid only: reorienting the reference's voxels too would copy a whole volume for nothing.
+    grid_volume = Volume(canonical, *canonical_grid(reference), modality=params.modality, meta=dict(reference.meta))
     return from_canonical(grid_volume, reference)
 
 

@@ -13,7 +13,7 @@ from nibabel.orientations import apply_orientation, io_orientation
 
 from phmdiff_cli.io.volume import Grid, Volume
 
-__all__ = ["ORIENTATION_CONVENTION", "orientation_code", "to_canonical", "from_canonical"]
+__all__ = ["ORIENTATION_CONVENTION", "orientation_code", "canonical_grid", "to_canonical", "from_canonical"]
 
 #: How :func:`orientation_code` letters read (printed by ``phmdiff info``).
 ORIENTATION_CONVENTION = (
@@ -60,6 +60,11 @@ def _apply(array_zyx: np.ndarray, ornt: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(apply_orientation(array_zyx.transpose(2, 1, 0), ornt).transpose(2, 1, 0))
 
 
+def canonical_grid(volume: Volume) -> Grid:
+    """The grid :func:`to_canonical` would give ``volume``, without touching its voxels."""
+    return _reoriented_grid(volume, _ornt(volume))[1]
+
+
 def to_canonical(volume: Volume) -> Volume:
     """The same image with axes permuted/flipped so that its direction is closest to identity (LPS).
 
@@ -67,8 +72,8 @@ def to_canonical(volume: Volume) -> Volume:
     source) and :func:`from_canonical` needs the original volume as reference.
     """
     ornt = _ornt(volume)
-    _, grid = _reoriented_grid(volume, ornt)
-    return Volume(_apply(volume.array, ornt), *grid, modality=volume.modality, meta=dict(volume.meta))
+    return Volume(_apply(volume.array, ornt), *canonical_grid(volume), modality=volume.modality,
+                  meta=dict(volume.meta))
 
 
 def from_canonical(volume: Volume, reference: Volume) -> Volume:
