@@ -13,7 +13,7 @@ On 240 x 240 BraTS slices (t1n + t2w -> t2f, +-1 neighbour slices), at a matched
 Each in fp32 and bf16 autocast, eager (and torch.compile for PHMDiff). MFU is model FLOPs (counted with
 ``torch.utils.flop_counter``) per second over a measured matmul peak of the same dtype. "Slice-evaluations/s"
 counts one denoiser evaluation of one slice (for PHMDiff: at one pyramid level); "s/slice" multiplies by the
-evaluations a full sample needs (PHMDiff: Heun with its default steps per level; dit-plain: Heun 18 steps;
+evaluations a full sample needs (PHMDiff: its default sampler and steps per level; dit-plain: Heun 18 steps;
 MONAI: DDPM 1000 steps).
 
     python benchmarks/engine_speed.py --quick     # < 10 min on 2 CPU cores
@@ -142,9 +142,10 @@ class PHMDiffCase(Case):
         self.sources = image_pyramid(batch["source"], cfg.levels)
         self.coarses = [None] + [torch.zeros(len(batch["target"]), 1, cfg.level_size(lv), cfg.level_size(lv))
                                  for lv in range(1, cfg.levels)]
-        heun = [2 * s - 1 for s in cfg.sampling.steps]
-        self.evals_per_slice = sum(heun)
-        self.eval_weights = [n / sum(heun) for n in heun]
+        # Denoiser evaluations per level of the config's default sampler: Euler one per step, Heun 2 * steps - 1.
+        per_level = [s if cfg.sampling.sampler == "euler" else 2 * s - 1 for s in cfg.sampling.steps]
+        self.evals_per_slice = sum(per_level)
+        self.eval_weights = [n / sum(per_level) for n in per_level]
 
     def loss(self) -> torch.Tensor:
         return training_loss(self.model, self.batch, mask_ratio=self.mask_ratio)[0]

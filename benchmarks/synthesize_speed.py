@@ -2,17 +2,14 @@
 real volumes with the ``small`` model config.
 
 The weights are a seeded random initialisation (perturbed from DiT's zero-initialised output layers): speed
-and memory do not depend on training, quality does, so the steps-vs-quality curve is not measured here (it
-needs the trained shipped model). Each measurement runs in a fresh process, so its peak RSS (``getrusage``) is
-its own.
+and memory do not depend on training (quality does: ``sampling_steps.py`` measures the shipped model's
+steps-vs-quality curve). Each measurement runs in a fresh process, so its peak RSS (``getrusage``) is its own.
 
 Runs:
 
-- ``default``: the model's default sampling (Heun, steps 12,8,6 per level: 49 denoiser evaluations per slice)
-  on a 19-slice block of the BraTS volume (one default CPU batch), per precision; seconds per volume are
-  extrapolated to the volume's sampled slices plus its measured read/prepare/restore/write time.
-- ``fast``: the whole 240 x 240 x 155 BraTS T1 volume at Heun steps 2,2,1 (7 evaluations per slice), per
-  precision: a real end-to-end measurement of what meets the 3-minute target.
+- ``default``: the whole 240 x 240 x 155 BraTS T1 volume -> T2 at the model's default sampling (the ``small``
+  config's: Euler, steps 3,2,2 per level = 7 denoiser evaluations per slice), per precision: what
+  ``phmdiff synthesize`` does without options, end to end.
 - ``ct-sized``: a 512 x 512 x 300 MR volume (the Siemens MPRAGE series resampled to 0.6 mm slices) to a CT,
   steps 1 (3 evaluations), fp32: memory while streaming a large volume, against the size of one float32 copy.
 
@@ -49,10 +46,8 @@ MR_SERIES = DATA / "dicom/mr_siemens_t1_mprage_vs-seg-001"
 RESULTS = ROOT / "benchmarks" / "results" / "synthesize_speed.json"
 PAIRS = "t1n:t2w,t1n:ct"
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
-#: The block timed at default settings: 19 slices (a default CPU batch of the small model) through the tumour.
-BLOCK = (68, 87)
-#: Batch sizes of the sweep (19: the default CPU batch of the small model).
-SWEEP = [1, 4, 8, 19, 32]
+#: Batch sizes of the sweep (5: the default CPU batch of the small model).
+SWEEP = [1, 5, 8, 19, 32]
 
 
 def small_model() -> Pretrained:
@@ -81,10 +76,10 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     rss_model = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     start = time.perf_counter()
     source = read_volume(spec["source"])
-    if spec.get("block"):
-        source = z_block(source, *spec["block"])
     read_s = time.perf_counter() - start
-    settings = SynthesisSettings(steps=tuple(spec["steps"]), sampler="heun", seed=0)
+    sampling = pretrained.config.sampling
+    steps, sampler = tuple(spec.get("steps") or sampling.steps), spec.get("sampler") or sampling.sampler
+    settings = SynthesisSettings(steps=steps, sampler=sampler, seed=0)
     synth = Synthesizer(pretrained, torch.device("cpu"), PRECISIONS[spec["precision"]], settings)
     result = synth.run([source], spec["target"])
     with tempfile.TemporaryDirectory() as tmp:
@@ -94,6 +89,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     sampled = result.slices - result.skipped
     return {
         **spec,
+        "steps": list(steps),
+        "sampler": sampler,
         "shape_zyx": list(source.shape),
         "slices": result.slices,
         "sampled_slices": sampled,
@@ -166,13 +163,6 @@ def ct_sized_volume(folder: Path) -> Path:
     return write_volume(Volume.from_sitk(resampled, modality="t1n"), folder / "ct_sized-t1n.nii")
 
 
-def volume_seconds(run: dict[str, Any], full: dict[str, Any]) -> float:
-    """Seconds for the whole volume: this run's seconds per sampled slice times the full run's sampled
-    slices, plus the full run's read, prepare, restore and write time."""
-    fixed = full["wall_seconds"] - full["seconds"]["sample"]
-    return run["seconds_per_sampled_slice"] * full["sampled_slices"] + fixed
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -185,35 +175,15 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for precision in PRECISIONS:
-            full = measure(
-                {
-                    "name": "fast",
-                    "source": str(BRAIN),
-                    "target": "t2w",
-                    "steps": [2, 2, 1],
-                    "precision": precision,
-                }
-            )
-            full["seconds_per_volume"] = full["wall_seconds"]
-            block = measure(
-                {
-                    "name": "default",
-                    "source": str(BRAIN),
-                    "target": "t2w",
-                    "steps": [12, 8, 6],
-                    "precision": precision,
-                    "block": list(BLOCK),
-                }
-            )
-            block["seconds_per_volume"] = volume_seconds(block, full)
-            block["extrapolated"] = True
-            rows += [block, full]
+            run = measure({"name": "default", "source": str(BRAIN), "target": "t2w", "precision": precision})
+            rows.append({**run, "seconds_per_volume": run["wall_seconds"]})
         ct = measure(
             {
                 "name": "ct-sized",
                 "source": str(ct_sized_volume(Path(tmp))),
                 "target": "ct",
                 "steps": [1, 1, 1],
+                "sampler": "euler",
                 "precision": "fp32",
             }
         )
@@ -229,14 +199,13 @@ def main() -> None:
     print(f"{'run':9} {'prec':5} {'volume (z,y,x)':16} {'evals':>5} {'batch':>5} {'s/slice':>8} "
           f"{'cpu/slice':>9} {'s/volume':>9} {'load':>5} {'peak RSS GiB':>12} {'f32 copies':>10}")
     for r in rows:
-        evals = sum(2 * s - 1 for s in r["steps"])
+        evals = sum(s if r["sampler"] == "euler" else 2 * s - 1 for s in r["steps"])
         copies = (r["peak_rss_gib"] - r["rss_after_model_gib"]) / r["float32_volume_gib"]
-        note = " (extrapolated)" if r.get("extrapolated") else ""
         print(f"{r['name']:9} {r['precision']:5} {str(tuple(r['shape_zyx'])):16} {evals:5d} "
               f"{r['batch_size']:5d} {r['seconds_per_sampled_slice']:8.2f} "
               f"{r['cpu_seconds_per_sampled_slice']:9.2f} "
               f"{r['seconds_per_volume']:9.1f} {r['load_avg_1min']:5.1f} {r['peak_rss_gib']:12.2f} "
-              f"{copies:10.1f}{note}")
+              f"{copies:10.1f}")
     print(f"\n{'batch':>5} {'ms/slice-eval':>13} {'peak RSS MiB':>12} {'MiB/added slice':>15}")
     for r in sweep:
         growth = r["rss_mib_per_added_slice"]

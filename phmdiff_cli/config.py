@@ -16,7 +16,11 @@ large    240         2, 4, 8     768     24     900     292 M   GPU
 =======  ==========  ==========  ======  =====  ======  ======  ===================================
 
 Tokens are per level (equal at every level, 3 levels). ``small`` uses 16-pixel patches at the finest level so a
-CPU step stays under a second; the GPU sizes use 8-pixel patches (4x the tokens) for finer detail.
+CPU step stays under a second; the GPU sizes use 8-pixel patches (4x the tokens) for finer detail. Every size
+has a convolutional refinement head after unpatchify, which removes the block edges of large patches, sees its
+MRI sources by rank (``source_norm``) and trains 30 % of its samples at the sampler's first noise level
+(``DiffusionConfig.p_sigma_max``). The dataclass defaults of those two fields (``"percentile"``, 0) are what a
+``config.json`` written before they existed meant.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from phmdiff_cli.data.normalize import SOURCE_NORMS
 from phmdiff_cli.errors import InputError
 from phmdiff_cli.modalities import MODALITIES
 
@@ -36,7 +41,12 @@ class DiffusionConfig:
 
     Attributes:
         sigma_data: standard deviation of the data in the model range [-1, 1].
-        p_mean, p_std: training noise levels, ``ln(sigma) ~ N(p_mean, p_std^2)``.
+        p_mean, p_std: training noise levels, ``ln(sigma) ~ N(p_mean, p_std^2)``. Wider and higher than EDM's
+            unconditional (-1.2, 1.2): a few-step conditional sampler decides the anatomy in its first
+            evaluations, at sigma 3-20, where N(-1.2, 1.2) puts under 1 % of the training samples.
+        p_sigma_max: fraction of training samples whose noise level is the sampler's ``sigma_max`` instead of
+            a log-normal draw. A few-step sampler's output is decided by its first evaluation at sigma_max (the
+            conditional mean given the sources), where the log-normal puts about 2 % of its samples.
         coarse_noise: training only: the upsampled coarse condition of level l > 0 is the downsampled ground
             truth plus Gaussian noise of a per-sample std drawn from U(0, coarse_noise), so the finer level
             learns to correct an imperfect coarse sample rather than copy it.
@@ -49,8 +59,9 @@ class DiffusionConfig:
     """
 
     sigma_data: float = 0.5
-    p_mean: float = -1.2
-    p_std: float = 1.2
+    p_mean: float = -0.4
+    p_std: float = 1.6
+    p_sigma_max: float = 0.0
     coarse_noise: float = 0.1
     mae_weight: float = 0.1
     cgr_pixel: float = 0.1
@@ -65,13 +76,14 @@ class SamplingConfig:
     Attributes:
         sampler: ``"heun"`` (deterministic EDM 2nd order, 2 * steps - 1 evaluations) or ``"euler"``.
         steps: steps per level, coarse to fine.
-        sigma_min, sigma_max, rho: the EDM noise-level schedule.
+        sigma_min, sigma_max, rho: the EDM noise-level schedule. sigma_max = 20 (40 times the data's
+            standard deviation: the start is pure noise) rather than EDM's 80, which training never reaches.
     """
 
     sampler: str = "heun"
     steps: tuple[int, ...] = (12, 8, 6)
     sigma_min: float = 0.002
-    sigma_max: float = 80.0
+    sigma_max: float = 20.0
     rho: float = 7.0
 
 
@@ -87,11 +99,17 @@ class ModelConfig:
         patch_sizes: patch size per level, coarse to fine; doubling it per level keeps the token count equal,
             which lets all levels share one batched Transformer pass in training.
         context: k, the number of neighbouring source slices on each side (2k + 1 channels per source).
+        source_norm: how the model sees its MRI sources: ``"percentile"`` (as prepared: divided by the
+            foreground 99.5th percentile) or ``"rank"`` (each voxel's quantile in its volume's foreground, the
+            same for any monotone change of scanner intensities); see
+            :func:`~phmdiff_cli.data.normalize.normalize_source`. Targets are always percentile-scaled.
         max_sources: S, source slots per sample (unused slots are zero-filled with modality id 0).
         num_modalities: modality embedding entries (ids 0..num_modalities-1; 0 = absent slot).
         hidden_size, depth, num_heads: the shared encoder (DiT blocks).
         decoder_hidden_size, decoder_depth, decoder_heads: the light decoder that re-inserts mask tokens.
         mlp_ratio: MLP width / hidden width.
+        refine_channels: width of the full-resolution convolutional refinement head per level (0 = none, a
+            linear unpatchify only).
         mask_ratios: training fraction of tokens dropped per level (0 disables masking at that level).
         mask_block_sizes: side lengths, in tokens, of the square blocks masks are drawn from.
         diffusion: EDM and loss settings.
@@ -104,6 +122,7 @@ class ModelConfig:
     levels: int = 3
     patch_sizes: tuple[int, ...] = (2, 4, 8)
     context: int = 1
+    source_norm: str = "percentile"
     max_sources: int = 3
     num_modalities: int = len(MODALITIES) + 1
     hidden_size: int = 64
@@ -113,6 +132,7 @@ class ModelConfig:
     decoder_depth: int = 1
     decoder_heads: int = 2
     mlp_ratio: float = 4.0
+    refine_channels: int = 0
     mask_ratios: tuple[float, ...] = (0.5, 0.5, 0.5)
     mask_block_sizes: tuple[int, ...] = (1, 2, 4)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -141,6 +161,8 @@ class ModelConfig:
             raise bad(f"mask_ratios {self.mask_ratios} outside [0, 1)", "use e.g. 0.5")
         if self.hidden_size % self.num_heads or self.decoder_hidden_size % self.decoder_heads:
             raise bad("hidden sizes must be divisible by their head counts", "e.g. hidden 256 with 4 heads")
+        if self.source_norm not in SOURCE_NORMS:
+            raise bad(f"source_norm {self.source_norm!r}", f"use one of {', '.join(SOURCE_NORMS)}")
         if len(self.sampling.steps) != self.levels or self.sampling.sampler not in ("heun", "euler"):
             raise bad(f"sampling {self.sampling}", "one step count per level; sampler heun or euler")
 
@@ -188,14 +210,19 @@ def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:
 #: Registered sizes; see the module docstring and benchmarks/README.md.
 SIZES: dict[str, ModelConfig] = {
     "tiny": ModelConfig(size="tiny", image_size=64, patch_sizes=(2, 4, 8), hidden_size=64, depth=2,
-                        num_heads=2, decoder_hidden_size=64, decoder_depth=1, decoder_heads=2,
+                        num_heads=2, decoder_hidden_size=64, decoder_depth=1, decoder_heads=2, refine_channels=8,
+                        source_norm="rank", diffusion=DiffusionConfig(p_sigma_max=0.3),
                         sampling=SamplingConfig(steps=(4, 3, 2))),
     "small": ModelConfig(size="small", image_size=240, patch_sizes=(4, 8, 16), hidden_size=256, depth=8,
-                         num_heads=4, decoder_hidden_size=192, decoder_depth=2, decoder_heads=3),
+                         num_heads=4, decoder_hidden_size=192, decoder_depth=2, decoder_heads=3, refine_channels=32,
+                         source_norm="rank", diffusion=DiffusionConfig(p_sigma_max=0.3),
+                         sampling=SamplingConfig(sampler="euler", steps=(3, 2, 2))),
     "base": ModelConfig(size="base", image_size=240, patch_sizes=(2, 4, 8), hidden_size=512, depth=12,
-                        num_heads=8, decoder_hidden_size=384, decoder_depth=4, decoder_heads=6),
+                        num_heads=8, decoder_hidden_size=384, decoder_depth=4, decoder_heads=6, refine_channels=32,
+                        source_norm="rank", diffusion=DiffusionConfig(p_sigma_max=0.3)),
     "large": ModelConfig(size="large", image_size=240, patch_sizes=(2, 4, 8), hidden_size=768, depth=24,
-                         num_heads=12, decoder_hidden_size=512, decoder_depth=6, decoder_heads=8),
+                         num_heads=12, decoder_hidden_size=512, decoder_depth=6, decoder_heads=8, refine_channels=32,
+                         source_norm="rank", diffusion=DiffusionConfig(p_sigma_max=0.3)),
 }
 
 

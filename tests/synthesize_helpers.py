@@ -38,11 +38,12 @@ T2W = "brats/BraTS-GLI-00001-000/BraTS-GLI-00001-000-t2w.nii.gz"
 runner = CliRunner()
 
 
-def write_tiny_model(folder: Path) -> Path:
+def write_tiny_model(folder: Path, source_norm: str = "rank") -> Path:
     """A ``tiny`` PHMDiff on a 64-pixel grid at 3.75 mm (a 240 mm field of view: a brain fits), its weights
     perturbed from the DiT initialisation (whose zero output layers would ignore the sources), saved with its
-    card like a trained model."""
-    config = model_config("tiny", spacing_mm=3.75, max_sources=2)
+    card like a trained model. ``percentile`` sources let :func:`identity_sample` reproduce the input's values
+    (with ``rank`` it reproduces their ranks)."""
+    config = model_config("tiny", spacing_mm=3.75, max_sources=2, source_norm=source_norm)
     from phmdiff_cli.models import PHMDiff
 
     torch.manual_seed(0)

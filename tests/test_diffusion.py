@@ -217,3 +217,23 @@ def test_cgr_terms_vanish_for_consistent_levels() -> None:
     feats = torch.randn(2, 50, 16)
     assert gaussian_mmd(feats, feats).abs() < 1e-6
     assert cgr_feature(feats, feats + 3.0 * torch.randn(2, 50, 16)) > 0.05
+
+
+def test_p_sigma_max_trains_that_share_at_the_samplers_first_noise_level() -> None:
+    """``p_sigma_max`` of the samples are noised at ``sampling.sigma_max`` (noise label ln(sigma) / 4), where a
+    few-step sampler's first evaluation decides the output; the rest keep the log-normal draw."""
+    cfg = model_config("tiny")
+    cfg.diffusion.p_sigma_max = 0.5
+    model = PHMDiff(cfg).train()
+    labels: list[torch.Tensor] = []
+    forward = model.forward_levels
+
+    def spy(xs, noise_labels, *args, **kwargs):
+        labels.extend(noise_labels)
+        return forward(xs, noise_labels, *args, **kwargs)
+
+    model.forward_levels = spy
+    training_loss(model, _batch(cfg, batch=64), generator=torch.Generator().manual_seed(0))
+    top = math.log(cfg.sampling.sigma_max) / 4
+    at_top = torch.cat([(label - top).abs() < 1e-6 for label in labels]).float()
+    assert len(labels) == cfg.levels and 0.4 < at_top.mean() < 0.6

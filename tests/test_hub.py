@@ -45,7 +45,7 @@ def test_local_folder_file_and_run_folder(tmp_path: Path) -> None:
 
 
 def test_default_model_not_shipped_yet(shipped: Path) -> None:
-    with pytest.raises(InputError, match="no model is shipped") as error:
+    with pytest.raises(InputError, match="shipped default model is missing") as error:
         resolve_model(DEFAULT_MODEL)
     assert "phmdiff train" in (error.value.hint or "")
 

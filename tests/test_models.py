@@ -66,6 +66,69 @@ def test_output_is_zero_at_initialisation() -> None:
     assert torch.count_nonzero(out) == 0
 
 
+def test_refinement_head_starts_as_identity_then_adds_local_pixel_detail() -> None:
+    """Zero-initialised, the head leaves the unpatchified output unchanged; with weights, one source pixel
+    changes the output in the head's 7 x 7 receptive field (3 convolutions of 3 x 3) and nowhere else: pixel
+    detail that a linear unpatchify of one token per patch cannot place."""
+    cfg = model_config("tiny")
+    plain = PHMDiff(model_config("tiny", refine_channels=0))
+    _randomize(plain)
+    refined = PHMDiff(cfg)
+    refined.load_state_dict(plain.state_dict(), strict=False)
+    inputs = _inputs(cfg, 2)
+    torch.testing.assert_close(refined(**inputs, level=2)[0], plain(**inputs, level=2)[0])
+
+    head = refined.refine[2]
+    torch.manual_seed(2)
+    for p in head.parameters():
+        torch.nn.init.normal_(p, 0, 0.2)
+    out = torch.zeros(1, 1, 32, 32)
+    stack = torch.zeros(1, refined.in_channels, 32, 32)
+    c = torch.zeros(1, cfg.hidden_size)
+    nudged = stack.clone()
+    nudged[0, 2, 16, 16] = 1.0  # one pixel of the centre slice of the first source
+    change = (head(out, nudged, c) - head(out, stack, c)).abs()[0, 0]
+    assert change[13:20, 13:20].min() > 0
+    change[13:20, 13:20] = 0
+    assert change.max() == 0
+
+
+def test_refinement_head_follows_the_conditioning() -> None:
+    """The head is modulated by the blocks' conditioning vector: the same pixels refine differently for another
+    target modality or noise level (an unconditioned head would average T1 -> T2 and T1 -> FLAIR)."""
+    cfg = model_config("tiny")
+    model = PHMDiff(cfg)
+    head = model.refine[2]
+    torch.manual_seed(3)
+    for p in head.parameters():
+        torch.nn.init.normal_(p, 0, 0.2)
+    out, stack = torch.zeros(1, 1, 16, 16), torch.rand(1, model.in_channels, 16, 16)
+    src_mod = torch.tensor([[1, 0, 0]])
+    to_t2 = model._condition(torch.zeros(1), 2, src_mod, torch.tensor([3]))
+    to_flair = model._condition(torch.zeros(1), 2, src_mod, torch.tensor([4]))
+    noisier = model._condition(torch.ones(1), 2, src_mod, torch.tensor([3]))
+    base = head(out, stack, to_t2)
+    assert (head(out, stack, to_flair) - base).abs().mean() > 1e-3
+    assert (head(out, stack, noisier) - base).abs().mean() > 1e-3
+
+
+def test_configs_without_a_refinement_head_still_load() -> None:
+    """A config.json written before ``refine_channels`` existed rebuilds the model it described."""
+    data = model_config("tiny").to_dict()
+    del data["refine_channels"]
+    assert PHMDiff(ModelConfig.from_dict(data)).refine is None
+
+
+def test_configs_from_before_rank_sources_and_p_sigma_max_keep_their_meaning() -> None:
+    """The registered sizes see sources by rank and train at sigma_max; a config.json without those fields
+    (the first shipped model's) was trained on percentile-scaled sources with log-normal noise only."""
+    data = model_config("small").to_dict()
+    assert (data["source_norm"], data["diffusion"]["p_sigma_max"]) == ("rank", 0.3)
+    del data["source_norm"], data["diffusion"]["p_sigma_max"]
+    old = ModelConfig.from_dict(data)
+    assert (old.source_norm, old.diffusion.p_sigma_max) == ("percentile", 0.0)
+
+
 def test_masking_changes_the_encoder_token_count() -> None:
     cfg = model_config("tiny")
     model = PHMDiff(cfg)

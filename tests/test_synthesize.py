@@ -12,7 +12,9 @@ import SimpleITK as sitk
 from io_helpers import sitk_series
 from synthesize_helpers import T1N, T2W, correlation, crop_z, identity_sample, records, run, write_tiny_model
 
-from phmdiff_cli.data.normalize import fit_intensity
+from phmdiff_cli.data.grid import ModelGrid
+from phmdiff_cli.data.normalize import fit_intensity, normalize_source
+from phmdiff_cli.data.preprocess import prepare_volume
 from phmdiff_cli.engine import synthesizer
 from phmdiff_cli.errors import EXIT_BAD_INPUT
 from phmdiff_cli.io import read_volume
@@ -23,7 +25,8 @@ MR_SERIES = "dicom/mr_siemens_t1_mprage_vs-seg-001"
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_model(tmp_path_factory.mktemp("synthesize") / "model")
+    # Percentile sources: the identity stand-in then reproduces the input's values, which the geometry checks use.
+    return write_tiny_model(tmp_path_factory.mktemp("synthesize") / "model", source_norm="percentile")
 
 
 @pytest.fixture(scope="module")
@@ -222,3 +225,23 @@ def test_series_uid_picks_one_series_of_a_mixed_folder(
     picked = run("--src", mixed, "--series-uid", uid, "--target", "t2w", "-o", out, "--model", model, "-q")
     assert picked.exit_code == 0, picked.output
     assert read_volume(out).same_grid(read_volume(mr_series), tol=1e-4)
+
+
+def test_a_rank_model_samples_from_the_ranks_of_its_sources(
+    small_t1n: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model trained on rank-normalised sources gets the source's ranks at synthesis, computed over the
+    whole volume on the model grid as training computes them (``normalize_source``), not its raw scale."""
+    ranked_model = write_tiny_model(tmp_path / "rank-model")
+    seen: list[np.ndarray] = []
+
+    def spy(model, source, *args, **kwargs):
+        seen.append(source[:, 0, model.config.context].numpy().copy())
+        return identity_sample(model, source, *args, **kwargs)
+
+    monkeypatch.setattr(synthesizer, "sample", spy)
+    result = run("--src", small_t1n, "--target", "t2w", "-o", tmp_path / "t2w.nii.gz", "--model", ranked_model)
+    assert result.exit_code == 0, result.output
+    prepared = prepare_volume(read_volume(small_t1n), ModelGrid(64, 3.75)).array
+    np.testing.assert_allclose(np.concatenate(seen), normalize_source(prepared, "t1n", "rank"), atol=1e-6)
+    assert np.abs(np.concatenate(seen) - prepared).max() > 0.1

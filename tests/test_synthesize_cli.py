@@ -171,7 +171,7 @@ def test_default_model_not_shipped_is_a_clear_error(
     monkeypatch.setattr(hub, "SHIPPED_WEIGHTS", tmp_path / "weights")
     monkeypatch.delenv("PHMDIFF_WEIGHTS", raising=False)
     result = run("--src", cases[0], "--target", "t2w", "-o", tmp_path / "a.nii.gz")
-    assert result.exit_code == EXIT_BAD_INPUT and "no model is shipped" in result.stderr
+    assert result.exit_code == EXIT_BAD_INPUT and "shipped default model is missing" in result.stderr
     assert "phmdiff train" in result.stderr
 
 

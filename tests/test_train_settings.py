@@ -83,6 +83,7 @@ def test_model_config_follows_levels_mask_ratio_and_overrides() -> None:
         mask_ratio=0.3,
         cgr_feature=0.0,
         context=2,
+        source_norm="rank",
         spacing=2.5,
         model={"depth": 3, "sampling": {"sampler": "euler"}},
     )
@@ -92,6 +93,9 @@ def test_model_config_follows_levels_mask_ratio_and_overrides() -> None:
     assert config.sampling.steps == (4, 3) and config.sampling.sampler == "euler"
     assert (config.diffusion.cgr_feature, config.diffusion.cgr_pixel) == (0.0, 0.1)
     assert (config.context, config.depth, config.spacing_mm, config.max_sources) == (2, 3, 2.5, 3)
+    assert config.source_norm == "rank"
+    with pytest.raises(InputError, match="source_norm 'zscore'"):
+        build_model_config(TrainSettings(size="tiny", source_norm="zscore"), sources=1)
     assert build_model_config(TrainSettings(size="tiny"), sources=4).max_sources == 4
     with pytest.raises(InputError, match="unknown fields"):
         build_model_config(TrainSettings(size="tiny", model={"nope": 1}), sources=1)

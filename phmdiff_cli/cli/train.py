@@ -99,6 +99,11 @@ def train(
     context: int | None = typer.Option(
         None, "--context", help="Neighbouring source slices on each side (2.5D). (default: 1)"
     ),
+    source_norm: str | None = typer.Option(
+        None, "--source-norm", metavar="percentile|rank",
+        help="MRI sources as prepared (percentile) or by their rank in their volume's foreground (rank: the same "
+        "for any scanner's monotone intensities). (default: the size's)",
+    ),
     batch_size: int | None = typer.Option(
         None, "--batch-size", help=f"Slices per step and process. {_default('batch_size')}"
     ),
@@ -214,6 +219,7 @@ def train(
         cgr_structure=cgr_structure,
         cgr_feature=cgr_feature,
         context=context,
+        source_norm=source_norm,
         batch_size=batch_size,
         lr=lr,
         warmup_steps=warmup_steps,

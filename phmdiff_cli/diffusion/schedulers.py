@@ -30,7 +30,7 @@ class EDMScheduler:
         sigma_min, sigma_max, rho: the schedule (:func:`~phmdiff_cli.diffusion.edm.karras_sigmas`).
     """
 
-    def __init__(self, solver: str = "heun", sigma_min: float = 0.002, sigma_max: float = 80.0,
+    def __init__(self, solver: str = "heun", sigma_min: float = 0.002, sigma_max: float = 20.0,
                  rho: float = 7.0) -> None:
         if solver not in ("heun", "euler"):
             raise ValueError(f"unknown solver {solver!r}: use 'heun' or 'euler'")

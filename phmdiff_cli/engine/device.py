@@ -1,14 +1,17 @@
 """Device and precision policy: which device, which autocast dtype, loss scaling, optional torch.compile.
 
-Measured on this project's CPU (Xeon with AVX512-BF16 but no AMX exposed; see benchmarks/README.md): bf16
-autocast runs the model's matrix products *slower* than fp32, because without AMX tiles oneDNN's bf16 kernels
-gain nothing over fp32 FMA. So ``auto`` picks bf16 on a CPU only when AMX is usable.
+Whether bf16 autocast pays on a CPU depends on the chip, not on a flag it advertises (benchmarks/README.md):
+on an Intel Xeon with AVX512-BF16 but no AMX, oneDNN ran the model's matrix products at half the fp32 rate;
+on an AMD EPYC (Zen 5, AVX512-BF16, no AMX) a training step of ``small`` is 1.9x faster in bf16. So ``auto``
+picks bf16 on a CPU with AMX, or where a short probe measures bf16 matrix products clearly faster
+(:func:`cpu_bf16_speedup`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,10 +20,13 @@ from torch import nn
 
 from phmdiff_cli.errors import InputError
 
-__all__ = ["resolve_device", "resolve_precision", "cpu_has_amx", "autocast", "grad_scaler", "compile_model",
-           "unwrap_model"]
+__all__ = ["resolve_device", "resolve_precision", "cpu_has_amx", "cpu_bf16_speedup", "autocast", "grad_scaler",
+           "compile_model", "unwrap_model"]
 
 _PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+#: bf16 autocast is chosen on a CPU without AMX when its matrix products measure at least this much faster
+#: (measured: 0.5x on a Xeon without AMX, 2.9x on a Zen 5 EPYC; the margin absorbs a busy machine's noise).
+CPU_BF16_MIN_SPEEDUP = 1.3
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -65,11 +71,30 @@ def cpu_has_amx() -> bool:
     return cpuinfo.is_file() and "amx_bf16" in cpuinfo.read_text()
 
 
+@functools.cache
+def cpu_bf16_speedup() -> float:
+    """fp32 time / bf16-autocast time of a Transformer-sized linear layer (1024 tokens, 256 -> 1024) on this CPU,
+    best of 5 runs each with torch's current threads: about 50 ms, measured once per process."""
+    layer, tokens = nn.Linear(256, 1024), torch.randn(1024, 256)
+
+    def best(dtype: torch.dtype | None) -> float:
+        times = []
+        with torch.no_grad(), autocast(torch.device("cpu"), dtype):
+            for _ in range(6):
+                start = time.perf_counter()
+                layer(tokens)
+                times.append(time.perf_counter() - start)
+        return min(times[1:])  # the first call pays oneDNN's kernel set-up
+
+    return best(None) / best(torch.bfloat16)
+
+
 def resolve_precision(spec: str, device: torch.device) -> torch.dtype | None:
     """``"auto"``, ``"bf16"``, ``"fp16"`` or ``"fp32"`` -> the autocast dtype, or None for plain fp32.
 
     auto: CUDA -> bf16 where supported (Ampere and newer), else fp16 (with :func:`grad_scaler`); CPU -> bf16
-    only with AMX (measured faster), else fp32; MPS -> fp32 (autocast support there is still partial).
+    with AMX or where :func:`cpu_bf16_speedup` is at least :data:`CPU_BF16_MIN_SPEEDUP`, else fp32; MPS -> fp32
+    (autocast support there is still partial).
 
     Raises:
         InputError: unknown spelling, or fp16 requested on a CPU (no fast fp16 kernels there).
@@ -78,7 +103,9 @@ def resolve_precision(spec: str, device: torch.device) -> torch.dtype | None:
     if spec == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if device.type == "cpu" and cpu_has_amx() else None
+        if device.type != "cpu":
+            return None
+        return torch.bfloat16 if cpu_has_amx() or cpu_bf16_speedup() >= CPU_BF16_MIN_SPEEDUP else None
     if spec not in _PRECISIONS:
         raise InputError(f"unknown precision {spec!r}", hint="use auto, bf16, fp16 or fp32")
     if spec == "fp16" and device.type == "cpu":

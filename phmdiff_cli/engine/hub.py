@@ -18,7 +18,7 @@ __all__ = ["WEIGHTS_FILE", "CARD_FILE", "DEFAULT_MODEL", "HF_SCHEME", "WEIGHTS_E
 #: A model folder holds these two files (this module imports no torch, so the CLI starts fast).
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "config.json"
-#: The model ``--model`` defaults to: ``weights/brain-small/`` once it is trained and shipped.
+#: The model ``--model`` defaults to: the shipped ``weights/brain-small/``.
 DEFAULT_MODEL = "brain-small"
 HF_SCHEME = "hf://"
 WEIGHTS_ENV = "PHMDIFF_WEIGHTS"
@@ -133,7 +133,7 @@ def resolve_model(spec: str, *, local_files_only: bool = False) -> Path:
     if spec in models:
         return models[spec]
     if not models:
-        what = "no model is shipped with this copy of phmdiff yet" if spec == DEFAULT_MODEL else \
+        what = "the shipped default model is missing from this copy of phmdiff" if spec == DEFAULT_MODEL else \
             f"model {spec!r} not found, and no model is installed"
         raise InputError(what, hint=f"{_TRAIN_HINT}, or {_PATH_HINT}")
     raise InputError(f"model {spec!r} not found: not a file or folder, nor a known name",

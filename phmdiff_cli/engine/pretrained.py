@@ -45,6 +45,8 @@ def build_card(config: ModelConfig, pairs: Sequence[Pair], *, training: dict[str
             "mri": f"each volume divided by its foreground {MRI_PERCENTILE}th percentile, clipped to [0, 1], "
                    "mapped to [-1, 1]; synthesized MRI is written on the first source's scale",
             "ct": f"Hounsfield units clipped to {list(CT_WINDOW_HU)} and mapped linearly to [-1, 1]",
+            **({"mri_sources": "then each source voxel replaced by its quantile in its volume's foreground, "
+                               "mapped to [-1, 1]"} if config.source_norm == "rank" else {}),
         },
         "training": training or {},
         "metrics": metrics or {},

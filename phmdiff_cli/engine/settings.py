@@ -64,7 +64,8 @@ class TrainSettings:
         size: ``tiny``, ``small``, ``base``, ``large``. spacing: model grid spacing, mm (None: the largest
         in-plane field of view of the data over the image size). levels: pyramid levels. mask_ratio: fraction
         of tokens masked at every level. cgr_pixel, cgr_structure, cgr_feature: CGR weights. context: 2.5D
-        neighbours on each side. model: further ``ModelConfig`` fields (e.g. ``{"depth": 4}``).
+        neighbours on each side. source_norm: ``percentile`` or ``rank`` MRI sources (None: the size's).
+        model: further ``ModelConfig`` fields (e.g. ``{"depth": 4}``).
     Optimisation:
         batch_size: slices per step and process. lr, weight_decay: AdamW. warmup_steps: linear LR warm-up
         (None: min(500, max_steps / 10)), then constant. max_steps, minutes: budgets (the whole run's,
@@ -97,6 +98,7 @@ class TrainSettings:
     cgr_structure: float | None = None
     cgr_feature: float | None = None
     context: int | None = None
+    source_norm: str | None = None
     model: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 8
     lr: float = 2e-4
@@ -344,6 +346,8 @@ def build_model_config(settings: TrainSettings, *, sources: int) -> ModelConfig:
     data["max_sources"] = max(config.max_sources, sources)
     if settings.context is not None:
         data["context"] = settings.context
+    if settings.source_norm is not None:
+        data["source_norm"] = settings.source_norm
     for key, value in settings.model.items():
         data[key] = {**data[key], **value} if isinstance(data.get(key), dict) else value
     if settings.spacing is not None:

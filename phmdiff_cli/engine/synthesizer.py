@@ -1,7 +1,8 @@
 """Whole-volume synthesis: source images as read -> the target modality on the first source's exact grid.
 
 The path of a case: sources resampled onto the first source's grid (when they are not on it) ->
-:func:`~phmdiff_cli.data.preprocess.prepare_volume` (the same preprocessing as training) -> batches of axial
+:func:`~phmdiff_cli.data.preprocess.prepare_volume` and
+:func:`~phmdiff_cli.data.normalize.normalize_source` (the same preprocessing as training) -> batches of axial
 slices with their 2.5D context (:func:`~phmdiff_cli.data.slices.source_stack`) -> the pyramid sampler with one
 seeded noise shared by every slice -> :func:`~phmdiff_cli.data.preprocess.restore_volume` on the first
 source's grid, in file units.
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from phmdiff_cli.data.grid import MODEL_BACKGROUND
-from phmdiff_cli.data.normalize import CT_WINDOW_HU, IntensityParams
+from phmdiff_cli.data.normalize import CT_WINDOW_HU, IntensityParams, normalize_source
 from phmdiff_cli.data.preprocess import Prepared, prepare_volume, resample_onto, restore_volume
 from phmdiff_cli.data.slices import Pair, source_stack
 from phmdiff_cli.diffusion import sample
@@ -50,8 +51,9 @@ __all__ = [
 SAMPLERS = ("heun", "euler")
 #: Scale hi of an MRI synthesized from CT only (no MRI source to borrow a scale from), arbitrary units.
 MRI_FROM_CT_HI = 1000.0
-#: Activation memory per batch on a CPU: 19 slices of the small model. Larger batches were at most ~1.3x
-#: faster per slice in benchmarks/README.md (noisy, on a shared CPU) but cost memory and delay the estimate.
+#: Activation memory per batch on a CPU: 5 slices of the small model. Larger batches were no faster per slice
+#: (35-43 ms per slice-evaluation from 1 to 32 slices, benchmarks/README.md) but cost memory and delay the
+#: time estimate.
 CPU_BUDGET_BYTES = 256 * 2**20
 #: Fraction of the free accelerator memory a batch may use.
 GPU_BUDGET_FRACTION = 0.5
@@ -140,8 +142,9 @@ def slice_bytes(pretrained: Pretrained, samples: int = 1) -> int:
     """Estimated peak activation memory (bytes, float32) of one slice in a sampling batch.
 
     Counts the source stack and its pyramid, the level input, the largest Transformer activations (QKV and
-    MLP) and the attention matrix: 12.9 MiB for the small model, whose peak RSS grew by 9-21 MiB (14.9 on
-    average) per added slice (benchmarks/README.md).
+    MLP), the attention matrix and the refinement head's five full-resolution feature maps at the finest level
+    (convolution, modulation, activation, convolution, activation): 48 MiB for the small model, whose peak RSS
+    grew by 28-49 MiB per added slice (benchmarks/README.md).
     """
     cfg = pretrained.config
     pixels = cfg.image_size**2
@@ -152,6 +155,7 @@ def slice_bytes(pretrained: Pretrained, samples: int = 1) -> int:
         + (sources + 2 * pixels) * 2  # one level's input and its patches
         + tokens * cfg.hidden_size * (3 + cfg.mlp_ratio + 2)
         + cfg.num_heads * tokens**2
+        + 5 * cfg.refine_channels * pixels
     )
     return int(4 * floats * samples)
 
@@ -237,7 +241,8 @@ class Synthesizer:
             prepared = [prepare_volume(v, self.pretrained.grid) for v in aligned]
         notes += [str(w.message) for w in caught]
         by_modality = {v.modality: p for v, p in zip(aligned, prepared, strict=True)}
-        volumes = [by_modality[m].array for m in pair.sources]
+        norm = self.pretrained.config.source_norm
+        volumes = [normalize_source(by_modality[m].array, m, norm) for m in pair.sources]
         seconds = {"prepare": time.perf_counter() - start}
 
         start, cpu_start = time.perf_counter(), time.process_time()

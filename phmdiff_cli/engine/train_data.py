@@ -176,6 +176,7 @@ def slice_dataset(
             k=config.context,
             slots=config.max_sources,
             augment=Augment() if augment else None,
+            source_norm=config.source_norm,
             resample=settings.resample,
             progress=progress,
         )

@@ -51,7 +51,7 @@ from phmdiff_cli.errors import EXIT_INTERNAL, InputError, PhmdiffError
 from phmdiff_cli.jsonsafe import finite
 from phmdiff_cli.models import PHMDiff
 
-__all__ = ["RunState", "TrainResult", "train"]
+__all__ = ["RunState", "TrainResult", "run_model_config", "train"]
 
 
 @dataclass
@@ -548,7 +548,7 @@ def _describe(trainer: Trainer) -> str:
     )
 
 
-def _model_config(settings: TrainSettings, data: TrainData) -> ModelConfig:
+def run_model_config(settings: TrainSettings, data: TrainData) -> ModelConfig:
     """The model configuration of a new run, with the grid spacing fitted to the data unless given."""
     config = build_model_config(settings, sources=max(len(p.sources) for p in data.pairs))
     if settings.spacing is None:
@@ -604,7 +604,7 @@ def train(
             # The warm-up is fixed now: the step budget it derives from may change on resume.
             settings = replace(settings, warmup_steps=settings.warmup)
             data = load_data(settings)
-            config = _model_config(settings, data)
+            config = run_model_config(settings, data)
             run, existed = RunFolder(Path(out)), Path(out).exists()
             if info.is_main:
                 _new_run(settings, run.root, data, config, force)

@@ -28,7 +28,7 @@ from phmdiff_cli.engine.device import autocast
 from phmdiff_cli.io.atomic import atomic_path
 from phmdiff_cli.metrics.evaluate import EvalSettings, auto_mask, image_scores, resolve_norm, scale_pair
 
-__all__ = ["VAL_METRICS", "Validation", "fixed_subset", "validate", "write_preview"]
+__all__ = ["VAL_METRICS", "Validation", "fixed_subset", "item_scores", "validate", "write_preview"]
 
 #: ``phmdiff eval`` metric names used, and the names they are logged under.
 VAL_METRICS = {"psnr": "psnr", "ssim2d": "ssim"}
@@ -71,7 +71,7 @@ def _synthesize(
     dataset: SliceDataset,
     keys: Sequence[SampleKey],
     *,
-    steps: int,
+    steps: int | Sequence[int],
     sampler: str,
     batch_size: int,
     device: torch.device,
@@ -99,7 +99,7 @@ def _synthesize(
     return out
 
 
-def _item_scores(
+def item_scores(
     dataset: SliceDataset, item: int, slices: list[dict[str, np.ndarray]]
 ) -> dict[str, float] | None:
     """Metrics of one (subject, pair) item's slices, as ``phmdiff eval`` computes them on file-unit volumes;
@@ -121,7 +121,7 @@ def validate(
     dataset: SliceDataset,
     keys: Sequence[SampleKey],
     *,
-    steps: int,
+    steps: int | Sequence[int],
     sampler: str,
     batch_size: int,
     device: torch.device,
@@ -135,7 +135,7 @@ def validate(
         model: a PHMDiff (put in eval mode by the caller).
         dataset: the validation slices (no augmentation).
         keys: the fixed subset.
-        steps: sampler steps per level.
+        steps: sampler steps, for every level or per level (coarse to fine).
         sampler: ``"euler"`` or ``"heun"``.
         batch_size: slices per sampling batch.
         device, dtype: where and in which autocast precision to sample.
@@ -159,7 +159,7 @@ def validate(
     for item, (_, pair) in enumerate(dataset.items):
         item_keys = [k for k in keys if k[0] == item]
         slices = [results[k] for k in item_keys]
-        scores = _item_scores(dataset, item, slices) if slices else None
+        scores = item_scores(dataset, item, slices) if slices else None
         if scores is not None:
             per_pair.setdefault(str(pair), []).append(scores)
         if str(pair) not in shown and slices:

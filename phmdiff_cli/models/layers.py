@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["modulate", "TimestepEmbedder", "Attention", "Mlp", "DiTBlock", "FinalLayer",
+__all__ = ["modulate", "TimestepEmbedder", "Attention", "Mlp", "DiTBlock", "FinalLayer", "RefinementHead",
            "sincos_pos_embed_2d", "patchify", "unpatchify"]
 
 
@@ -110,6 +110,47 @@ class FinalLayer(nn.Module):
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
         return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class RefinementHead(nn.Module):
+    """Full-resolution convolutional refinement of the unpatchified output, conditioned like the blocks.
+
+    Large patches (16 px at the finest level of ``small``) squeeze a patch into one token, so a linear
+    unpatchify leaves block edges and cannot represent per-pixel detail. Three 3x3 convolutions over the
+    output and the level's input stack (noisy target, sources, coarse sample) add a residual that restores
+    it at a few percent of the Transformer's cost. The first convolution's features are modulated (FiLM) by
+    the conditioning vector: the head must know the noise level (the noisy-target channel is noise at high
+    sigma, the image at low sigma) and the target modality (a T1 maps to a T2 and to a FLAIR differently).
+    The modulation and the last convolution are zero-initialised, so the head starts as the identity (DiT's
+    adaLN-Zero idea).
+
+    Args:
+        in_channels: channels of the input stack, without the output channel.
+        channels: hidden width of the convolutions.
+        cond_dim: width of the conditioning vector.
+    """
+
+    def __init__(self, in_channels: int, channels: int, cond_dim: int) -> None:
+        super().__init__()
+        self.conv_in = nn.Conv2d(in_channels + 1, channels, 3, padding=1)
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * channels))
+        self.conv_mid = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(channels, 1, 3, padding=1)
+        self.zero_init()
+
+    def zero_init(self) -> None:
+        """Zero the modulation and the output convolution (called again after a model-wide initialisation)."""
+        for layer in (self.modulation[-1], self.conv_out):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, out: Tensor, stack: Tensor, c: Tensor) -> Tensor:
+        """``out`` (B, 1, h, w) + refinement of [out, stack (B, in_channels, h, w)] under conditioning
+        ``c`` (B, cond_dim) -> (B, 1, h, w)."""
+        h = self.conv_in(torch.cat([out, stack.to(out.dtype)], dim=1))
+        shift, scale = self.modulation(c).unsqueeze(-1).unsqueeze(-1).chunk(2, dim=1)
+        h = F.gelu(h * (1 + scale) + shift)
+        return out + self.conv_out(F.gelu(self.conv_mid(h)))
 
 
 #################################################################################

@@ -7,6 +7,10 @@ token count and the same blocks serve all levels. The conditioning vector (adaLN
 noise-level, level, target-modality and source-slot embeddings (CDM-style cross-conditioning: one model, many
 source -> target pairs).
 
+Per level the decoder tokens are unpatchified and a small convolutional head, conditioned by the same vector
+as the blocks, refines them at full resolution (``refine_channels``;
+:class:`~phmdiff_cli.models.layers.RefinementHead`), so large patches do not leave block edges.
+
 In training, a random subset of tokens is dropped before the encoder (gather, so the encoder's cost falls with
 the mask ratio); the decoder re-inserts a learned mask token at the dropped positions. Without ``keep`` the
 encoder sees every token (inference and the unmasked fine-tune).
@@ -26,6 +30,7 @@ from phmdiff_cli.config import ModelConfig
 from phmdiff_cli.models.layers import (
     DiTBlock,
     FinalLayer,
+    RefinementHead,
     TimestepEmbedder,
     patchify,
     sincos_pos_embed_2d,
@@ -60,6 +65,8 @@ class PHMDiff(nn.Module):
         self.decoder_blocks = nn.ModuleList(
             DiTBlock(dec, config.decoder_heads, dim, config.mlp_ratio) for _ in range(config.decoder_depth))
         self.final_layers = nn.ModuleList(FinalLayer(dec, dim, p, 1) for p in config.patch_sizes)
+        self.refine = nn.ModuleList(RefinementHead(self.in_channels, config.refine_channels, dim)
+                                    for _ in config.patch_sizes) if config.refine_channels else None
         for level in range(config.levels):
             # Fixed, so not saved: they rebuild from the config.
             grid = config.grid_size(level)
@@ -85,6 +92,8 @@ class PHMDiff(nn.Module):
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
         for final in self.final_layers:
             nn.init.zeros_(final.linear.weight)
+        for head in self.refine or []:
+            head.zero_init()
 
     def forward(
         self,
@@ -142,8 +151,9 @@ class PHMDiff(nn.Module):
             groups.setdefault((sizes[i], sizes[i] if keep is None else keep.shape[1]), []).append(i)
         outs: list[Tensor] = [torch.empty(0)] * len(levels)
         feats: list[Tensor] = [torch.empty(0)] * len(levels)
+        stacks = [self._stack(x, source, coarse) for x, source, coarse in zip(xs, sources, coarses, strict=True)]
         for (num_tokens, _), idx in groups.items():
-            tokens = torch.cat([self._embed(levels[i], xs[i], sources[i], coarses[i]) for i in idx])
+            tokens = torch.cat([self._embed(levels[i], stacks[i]) for i in idx])
             c = torch.cat([self._condition(noise_labels[i], levels[i], src_mod, tgt_mod) for i in idx])
             keep = self._group_keep([keeps[i] for i in idx], num_tokens)
             h = self._encode(tokens, c, keep)
@@ -151,13 +161,17 @@ class PHMDiff(nn.Module):
             dec = self._decode(h, c, keep, num_tokens, levels[idx[0]])
             parts = zip(idx, dec.chunk(len(idx)), h.chunk(len(idx)), c.chunk(len(idx)), strict=True)
             for i, dec_i, h_i, c_i in parts:
-                outs[i], feats[i] = self._output(dec_i, c_i, levels[i]), h_i
+                outs[i], feats[i] = self._output(dec_i, c_i, levels[i], stacks[i]), h_i
         return outs, feats
 
-    def _embed(self, level: int, x: Tensor, source: Tensor, coarse: Tensor | None) -> Tensor:
-        """(B, N, hidden) tokens of the channel stack [x, sources, coarse]."""
+    @staticmethod
+    def _stack(x: Tensor, source: Tensor, coarse: Tensor | None) -> Tensor:
+        """(B, in_channels, h, w) input stack [x, sources, coarse] (zeros for a missing coarse sample)."""
         coarse = torch.zeros_like(x) if coarse is None else coarse
-        stack = torch.cat([x, source.flatten(1, 2), coarse], dim=1)
+        return torch.cat([x, source.flatten(1, 2), coarse], dim=1)
+
+    def _embed(self, level: int, stack: Tensor) -> Tensor:
+        """(B, N, hidden) tokens of a level's input stack."""
         tokens = self.patch_embed[level](patchify(stack, self.config.patch_sizes[level]))
         return tokens + getattr(self, f"pos_embed_{level}")
 
@@ -195,6 +209,8 @@ class PHMDiff(nn.Module):
             h = block(h, c)
         return h
 
-    def _output(self, h: Tensor, c: Tensor, level: int) -> Tensor:
+    def _output(self, h: Tensor, c: Tensor, level: int, stack: Tensor) -> Tensor:
+        """(B, 1, h, w) raw output F: decoder tokens unpatchified, then refined at full resolution."""
         patch = self.config.patch_sizes[level]
-        return unpatchify(self.final_layers[level](h, c), patch, self.config.grid_size(level), 1)
+        out = unpatchify(self.final_layers[level](h, c), patch, self.config.grid_size(level), 1)
+        return out if self.refine is None else self.refine[level](out, stack, c)

@@ -1,0 +1,63 @@
+"""How the shipped ``brain-small`` model is made: the training command, and the copy of its best checkpoint
+into ``weights/brain-small`` with a card that names the training data's licences.
+
+    python weights/brain_small.py train    # ~70 min on 2 CPU cores (--minutes 70), from the repository root
+    python weights/brain_small.py ship [RUN]   # RUN/last (default runs/brain-small) -> weights/brain-small
+
+The validation subject, TCGA-DU-7294, is held out from training; it is also the example image in
+``examples/`` (its T1), so the quickstart synthesizes a T2 the model has never seen.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from phmdiff_cli.engine.checkpoint import load_model, save_model
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = ROOT / "runs" / "brain-small"
+DATA = "../shared/data/brats"
+TRAIN = [
+    "phmdiff", "train", "--data", DATA, "--pairs", "t1n:t2w,t1n:t2f,t2w:t2f",
+    "--val-subjects", "TCGA-DU-7294", "--size", "small", "--batch-size", "8", "--lr", "3e-4",
+    "--max-steps", "6000", "--minutes", "70", "--val-every", "400", "--val-slices", "8",
+    "--checkpoint-minutes", "10", "--precision", "bf16", "--config", "weights/brain_small.json",
+    "--out", str(RUN.relative_to(ROOT)),
+]
+#: The data's terms, from ../shared/data/README.md: weights inherit them.
+LICENCES = {
+    "BraTS-GLI-00001-000": "BraTS 2023 challenge terms (research use)",
+    "BraTS-MET-00110-000": "BraTS 2023 challenge terms (research use)",
+    "BrainLesion-case-01": "source undocumented; treated as BraTS challenge terms (research use)",
+    "TCGA-DU-7294": "CC BY 3.0 (TCIA TCGA-LGG, https://doi.org/10.7937/K9/TCIA.2016.L4LTD3TK); validation only",
+}
+
+
+def ship(run: Path) -> Path:
+    """Copy the run's last (EMA) model here as float16 (half the size, loaded back as float32); the card's data
+    root becomes the relative path trained from. ``last/``, not ``best/``: best is picked on the validation
+    subject, whose scores the card then reports, so choosing by them would flatter the model."""
+    state, card = load_model(run / "last")
+    state = {name: t.half() if t.is_floating_point() else t for name, t in state.items()}
+    training = dict(card["training"])
+    training["data"] = {**training["data"], "root": DATA}
+    training["licences"] = LICENCES
+    training["recipe"] = "python weights/brain_small.py train"
+    training["stored_dtype"] = "float16"
+    return save_model(ROOT / "weights" / "brain-small", state, {**card, "training": training}, force=True)
+
+
+def main() -> None:
+    action = sys.argv[1] if len(sys.argv) > 1 else ""
+    if action == "train":
+        subprocess.run(TRAIN, cwd=ROOT, check=True)
+    elif action == "ship":
+        print(ship(Path(sys.argv[2]) if len(sys.argv) > 2 else RUN))
+    else:
+        sys.exit(f"usage: python {Path(__file__).name} train | ship [RUN]")
+
+
+if __name__ == "__main__":
+    main()
