@@ -110,6 +110,10 @@ class ModelConfig:
         mlp_ratio: MLP width / hidden width.
         refine_channels: width of the full-resolution convolutional refinement head per level (0 = none, a
             linear unpatchify only).
+        refine_depth: 2x downsamplings of that head: 0 = three full-resolution convolutions
+            (:class:`~phmdiff_cli.models.layers.RefinementHead`, what a config.json without this field meant),
+            > 0 = a conditioned UNet that also reads the decoder tokens
+            (:class:`~phmdiff_cli.models.layers.RefinementUNet`).
         mask_ratios: training fraction of tokens dropped per level (0 disables masking at that level).
         mask_block_sizes: side lengths, in tokens, of the square blocks masks are drawn from.
         diffusion: EDM and loss settings.
@@ -133,6 +137,7 @@ class ModelConfig:
     decoder_heads: int = 2
     mlp_ratio: float = 4.0
     refine_channels: int = 0
+    refine_depth: int = 0
     mask_ratios: tuple[float, ...] = (0.5, 0.5, 0.5)
     mask_block_sizes: tuple[int, ...] = (1, 2, 4)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -157,6 +162,9 @@ class ModelConfig:
             if self.image_size % 2 ** (self.levels - 1) or side % patch:
                 raise bad(f"level {level} is {side} px, not a multiple of its patch size {patch}",
                           "image_size must be divisible by 2**(levels-1) * patch size")
+        if self.refine_depth < 0 or self.level_size(0) % 2**self.refine_depth:
+            raise bad(f"refine_depth {self.refine_depth} for a {self.level_size(0)} px coarsest level",
+                      "every level's side must be divisible by 2**refine_depth")
         if not all(0.0 <= r < 1.0 for r in self.mask_ratios):
             raise bad(f"mask_ratios {self.mask_ratios} outside [0, 1)", "use e.g. 0.5")
         if self.hidden_size % self.num_heads or self.decoder_hidden_size % self.decoder_heads:
@@ -211,17 +219,21 @@ def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:
 SIZES: dict[str, ModelConfig] = {
     "tiny": ModelConfig(size="tiny", image_size=64, patch_sizes=(2, 4, 8), hidden_size=64, depth=2,
                         num_heads=2, decoder_hidden_size=64, decoder_depth=1, decoder_heads=2, refine_channels=8,
+                        refine_depth=2,
                         source_norm="rank", diffusion=DiffusionConfig(p_sigma_max=0.3),
                         sampling=SamplingConfig(steps=(4, 3, 2))),
     "small": ModelConfig(size="small", image_size=240, patch_sizes=(4, 8, 16), hidden_size=256, depth=8,
-                         num_heads=4, decoder_hidden_size=192, decoder_depth=2, decoder_heads=3, refine_channels=32,
+                         num_heads=4, decoder_hidden_size=192, decoder_depth=2, decoder_heads=3, refine_channels=16,
+                         refine_depth=2,
                          source_norm="rank", diffusion=DiffusionConfig(p_sigma_max=0.3),
                          sampling=SamplingConfig(sampler="euler", steps=(3, 2, 2))),
     "base": ModelConfig(size="base", image_size=240, patch_sizes=(2, 4, 8), hidden_size=512, depth=12,
                         num_heads=8, decoder_hidden_size=384, decoder_depth=4, decoder_heads=6, refine_channels=32,
+                        refine_depth=2,
                         source_norm="rank", diffusion=DiffusionConfig(p_sigma_max=0.3)),
     "large": ModelConfig(size="large", image_size=240, patch_sizes=(2, 4, 8), hidden_size=768, depth=24,
                          num_heads=12, decoder_hidden_size=512, decoder_depth=6, decoder_heads=8, refine_channels=32,
+                         refine_depth=2,
                          source_norm="rank", diffusion=DiffusionConfig(p_sigma_max=0.3)),
 }
 

@@ -66,11 +66,20 @@ def test_output_is_zero_at_initialisation() -> None:
     assert torch.count_nonzero(out) == 0
 
 
-def test_refinement_head_starts_as_identity_then_adds_local_pixel_detail() -> None:
-    """Zero-initialised, the head leaves the unpatchified output unchanged; with weights, one source pixel
-    changes the output in the head's 7 x 7 receptive field (3 convolutions of 3 x 3) and nowhere else: pixel
-    detail that a linear unpatchify of one token per patch cannot place."""
-    cfg = model_config("tiny")
+def _random_head(model: PHMDiff, level: int) -> torch.nn.Module:
+    head = model.refine[level]
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0, 0.2)
+    return head
+
+
+@pytest.mark.parametrize("depth", [0, 2])
+def test_refinement_heads_start_as_the_identity(depth: int) -> None:
+    """Zero-initialised, either head leaves the unpatchified output unchanged: the model starts as its
+    Transformer alone."""
+    cfg = model_config("tiny", refine_depth=depth)
     plain = PHMDiff(model_config("tiny", refine_channels=0))
     _randomize(plain)
     refined = PHMDiff(cfg)
@@ -78,13 +87,14 @@ def test_refinement_head_starts_as_identity_then_adds_local_pixel_detail() -> No
     inputs = _inputs(cfg, 2)
     torch.testing.assert_close(refined(**inputs, level=2)[0], plain(**inputs, level=2)[0])
 
-    head = refined.refine[2]
-    torch.manual_seed(2)
-    for p in head.parameters():
-        torch.nn.init.normal_(p, 0, 0.2)
-    out = torch.zeros(1, 1, 32, 32)
-    stack = torch.zeros(1, refined.in_channels, 32, 32)
-    c = torch.zeros(1, cfg.hidden_size)
+
+def test_three_convolution_head_adds_detail_within_its_receptive_field() -> None:
+    """With weights, one source pixel changes the output of the ``refine_depth = 0`` head in its 7 x 7 receptive
+    field (3 convolutions of 3 x 3) and nowhere else: pixel detail that a linear unpatchify of one token per
+    patch cannot place."""
+    head = _random_head(PHMDiff(model_config("tiny", refine_depth=0)), 2)
+    out, stack = torch.zeros(1, 1, 32, 32), torch.zeros(1, head.conv_in.in_channels - 1, 32, 32)
+    c = torch.zeros(1, 64)
     nudged = stack.clone()
     nudged[0, 2, 16, 16] = 1.0  # one pixel of the centre slice of the first source
     change = (head(out, nudged, c) - head(out, stack, c)).abs()[0, 0]
@@ -93,23 +103,36 @@ def test_refinement_head_starts_as_identity_then_adds_local_pixel_detail() -> No
     assert change.max() == 0
 
 
-def test_refinement_head_follows_the_conditioning() -> None:
+def test_unet_head_sees_far_and_reads_the_decoder_tokens() -> None:
+    """The UNet head (``refine_depth = 2``) carries one source pixel's influence well beyond 7 x 7 pixels, and
+    its output depends on the Transformer's decoder tokens (its global context), not only on the input stack."""
+    model = PHMDiff(model_config("tiny"))
+    head = _random_head(model, 2)
+    out, stack = torch.zeros(1, 1, 64, 64), torch.zeros(1, model.in_channels, 64, 64)
+    c, tokens = torch.zeros(1, 64), torch.zeros(1, 64, 64)  # grid 8 x 8 of decoder width 64
+    nudged = stack.clone()
+    nudged[0, 2, 32, 32] = 1.0
+    change = (head(out, nudged, c, tokens) - head(out, stack, c, tokens)).abs()[0, 0]
+    assert change[32, 32 + 8] > 0 and change[32 - 8, 32] > 0
+    other_tokens = torch.randn(1, 64, 64)
+    assert (head(out, stack, c, other_tokens) - head(out, stack, c, tokens)).abs().mean() > 1e-3
+
+
+@pytest.mark.parametrize("depth", [0, 2])
+def test_refinement_head_follows_the_conditioning(depth: int) -> None:
     """The head is modulated by the blocks' conditioning vector: the same pixels refine differently for another
     target modality or noise level (an unconditioned head would average T1 -> T2 and T1 -> FLAIR)."""
-    cfg = model_config("tiny")
-    model = PHMDiff(cfg)
-    head = model.refine[2]
-    torch.manual_seed(3)
-    for p in head.parameters():
-        torch.nn.init.normal_(p, 0, 0.2)
+    model = PHMDiff(model_config("tiny", refine_depth=depth))
+    head = _random_head(model, 2)
     out, stack = torch.zeros(1, 1, 16, 16), torch.rand(1, model.in_channels, 16, 16)
+    extra = [torch.randn(1, 64, 64)] if depth else []
     src_mod = torch.tensor([[1, 0, 0]])
     to_t2 = model._condition(torch.zeros(1), 2, src_mod, torch.tensor([3]))
     to_flair = model._condition(torch.zeros(1), 2, src_mod, torch.tensor([4]))
     noisier = model._condition(torch.ones(1), 2, src_mod, torch.tensor([3]))
-    base = head(out, stack, to_t2)
-    assert (head(out, stack, to_flair) - base).abs().mean() > 1e-3
-    assert (head(out, stack, noisier) - base).abs().mean() > 1e-3
+    base = head(out, stack, to_t2, *extra)
+    assert (head(out, stack, to_flair, *extra) - base).abs().mean() > 1e-3
+    assert (head(out, stack, noisier, *extra) - base).abs().mean() > 1e-3
 
 
 def test_configs_without_a_refinement_head_still_load() -> None:
@@ -117,6 +140,22 @@ def test_configs_without_a_refinement_head_still_load() -> None:
     data = model_config("tiny").to_dict()
     del data["refine_channels"]
     assert PHMDiff(ModelConfig.from_dict(data)).refine is None
+
+
+def test_configs_from_before_the_unet_head_keep_the_three_convolution_head() -> None:
+    """The registered sizes use the UNet head; a config.json without ``refine_depth`` (the models shipped
+    before it) had the three-convolution head, and its weights load into that."""
+    data = model_config("tiny").to_dict()
+    assert data["refine_depth"] == 2
+    del data["refine_depth"]
+    old = PHMDiff(ModelConfig.from_dict(data))
+    assert type(old.refine[0]).__name__ == "RefinementHead"
+    old.load_state_dict(PHMDiff(model_config("tiny", refine_depth=0)).state_dict())
+
+
+def test_refine_depth_must_divide_the_coarsest_level() -> None:
+    with pytest.raises(InputError, match="refine_depth"):
+        model_config("tiny", refine_depth=5)  # 16 px coarsest level, 32 px needed
 
 
 def test_configs_from_before_rank_sources_and_p_sigma_max_keep_their_meaning() -> None:

@@ -142,9 +142,10 @@ def slice_bytes(pretrained: Pretrained, samples: int = 1) -> int:
     """Estimated peak activation memory (bytes, float32) of one slice in a sampling batch.
 
     Counts the source stack and its pyramid, the level input, the largest Transformer activations (QKV and
-    MLP), the attention matrix and the refinement head's five full-resolution feature maps at the finest level
-    (convolution, modulation, activation, convolution, activation): 48 MiB for the small model, whose peak RSS
-    grew by 28-49 MiB per added slice (benchmarks/README.md).
+    MLP), the attention matrix and the refinement head's full-resolution feature maps at the finest level: five
+    for the three-convolution head (convolution, modulation, activation, convolution, activation), eight for the
+    UNet head (its first stage's four, the upsampled bottleneck's two, the skip concatenation's, the last
+    convolution's); see benchmarks/README.md for the measured peak-RSS growth per added slice.
     """
     cfg = pretrained.config
     pixels = cfg.image_size**2
@@ -155,7 +156,7 @@ def slice_bytes(pretrained: Pretrained, samples: int = 1) -> int:
         + (sources + 2 * pixels) * 2  # one level's input and its patches
         + tokens * cfg.hidden_size * (3 + cfg.mlp_ratio + 2)
         + cfg.num_heads * tokens**2
-        + 5 * cfg.refine_channels * pixels
+        + (8 if cfg.refine_depth else 5) * cfg.refine_channels * pixels
     )
     return int(4 * floats * samples)
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["modulate", "TimestepEmbedder", "Attention", "Mlp", "DiTBlock", "FinalLayer", "RefinementHead",
-           "sincos_pos_embed_2d", "patchify", "unpatchify"]
+           "RefinementUNet", "sincos_pos_embed_2d", "patchify", "unpatchify"]
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -151,6 +151,70 @@ class RefinementHead(nn.Module):
         shift, scale = self.modulation(c).unsqueeze(-1).unsqueeze(-1).chunk(2, dim=1)
         h = F.gelu(h * (1 + scale) + shift)
         return out + self.conv_out(F.gelu(self.conv_mid(h)))
+
+
+class RefinementUNet(nn.Module):
+    """A small conditioned UNet that refines the unpatchified output: the convolutional path of a hybrid
+    denoiser, for models with ``refine_depth > 0``.
+
+    The three-convolution :class:`RefinementHead` sees 7 x 7 pixels, so every structure larger than that has to
+    come through the Transformer's 16-pixel tokens, which learn a source -> target mapping several times slower
+    than a convolutional network (benchmarks/README.md, "Why a UNet head"). This head goes ``depth`` times down
+    by strided convolutions (widths ``channels * 2**i``), adds the decoder's tokens (projected, resized) at its
+    bottleneck so the local path also sees the Transformer's global context, and comes back up with skip
+    connections (U-ViT / Simple Diffusion: convolutions at high resolution, a Transformer at low resolution).
+    Every down stage is GroupNorm'd and modulated (FiLM) by the blocks' conditioning vector (noise level, target
+    modality, level). The modulations and the output convolution start at zero, so the head starts as the
+    identity and the model as its Transformer alone.
+
+    Args:
+        in_channels: channels of the input stack, without the output channel.
+        channels: width at full resolution.
+        cond_dim: width of the conditioning vector.
+        token_dim: width of the decoder tokens.
+        depth: 2x downsamplings; the level's side must be divisible by ``2**depth``.
+    """
+
+    def __init__(self, in_channels: int, channels: int, cond_dim: int, token_dim: int, depth: int) -> None:
+        super().__init__()
+        widths = [channels * 2**i for i in range(depth + 1)]
+        self.conv_in = nn.Conv2d(in_channels + 1, widths[0], 3, padding=1)
+        self.down = nn.ModuleList(nn.Conv2d(widths[i], widths[i + 1], 3, stride=2, padding=1) for i in range(depth))
+        self.mid = nn.ModuleList(nn.Conv2d(w, w, 3, padding=1) for w in widths[1:])
+        self.norms = nn.ModuleList(nn.GroupNorm(min(8, w // 2), w) for w in widths)
+        self.modulation = nn.ModuleList(nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * w)) for w in widths)
+        self.tokens = nn.Linear(token_dim, widths[-1])
+        self.up = nn.ModuleList(nn.Conv2d(widths[i + 1] + widths[i], widths[i], 3, padding=1)
+                                for i in range(depth))
+        self.conv_out = nn.Conv2d(widths[0], 1, 3, padding=1)
+        self.zero_init()
+
+    def zero_init(self) -> None:
+        """Zero the modulations and the output convolution (called again after a model-wide initialisation)."""
+        for layer in (*(m[-1] for m in self.modulation), self.conv_out):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def _film(self, h: Tensor, c: Tensor, stage: int) -> Tensor:
+        shift, scale = self.modulation[stage](c).unsqueeze(-1).unsqueeze(-1).chunk(2, dim=1)
+        return F.silu(self.norms[stage](h) * (1 + scale) + shift)
+
+    def forward(self, out: Tensor, stack: Tensor, c: Tensor, tokens: Tensor) -> Tensor:
+        """``out`` (B, 1, h, w) + refinement of [out, stack (B, in_channels, h, w)] under conditioning
+        ``c`` (B, cond_dim), with decoder ``tokens`` (B, g*g, token_dim) of the square token grid -> (B, 1, h,
+        w)."""
+        h = self._film(self.conv_in(torch.cat([out, stack.to(out.dtype)], dim=1)), c, 0)
+        skips = []
+        for stage, (down, mid) in enumerate(zip(self.down, self.mid, strict=True), start=1):
+            skips.append(h)
+            h = F.silu(mid(self._film(down(h), c, stage)))
+        grid = math.isqrt(tokens.shape[1])
+        context = self.tokens(tokens).transpose(1, 2).reshape(len(h), -1, grid, grid)
+        h = h + F.interpolate(context.to(h.dtype), size=h.shape[-2:], mode="bilinear", align_corners=False)
+        for up, skip in zip(reversed(self.up), reversed(skips), strict=True):
+            h = F.interpolate(h, size=skip.shape[-2:], mode="nearest")
+            h = F.silu(up(torch.cat([h, skip], dim=1)))
+        return out + self.conv_out(h)
 
 
 #################################################################################

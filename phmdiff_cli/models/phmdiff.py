@@ -7,9 +7,11 @@ token count and the same blocks serve all levels. The conditioning vector (adaLN
 noise-level, level, target-modality and source-slot embeddings (CDM-style cross-conditioning: one model, many
 source -> target pairs).
 
-Per level the decoder tokens are unpatchified and a small convolutional head, conditioned by the same vector
-as the blocks, refines them at full resolution (``refine_channels``;
-:class:`~phmdiff_cli.models.layers.RefinementHead`), so large patches do not leave block edges.
+Per level the decoder tokens are unpatchified and a convolutional head, conditioned by the same vector as the
+blocks, refines them at full resolution (``refine_channels``), so large patches do not leave block edges: three
+convolutions (:class:`~phmdiff_cli.models.layers.RefinementHead`) or, with ``refine_depth > 0``, a small UNet
+that also reads the decoder tokens at its bottleneck (:class:`~phmdiff_cli.models.layers.RefinementUNet`), the
+convolutional path that learns local source -> target mappings fast.
 
 In training, a random subset of tokens is dropped before the encoder (gather, so the encoder's cost falls with
 the mask ratio); the decoder re-inserts a learned mask token at the dropped positions. Without ``keep`` the
@@ -31,6 +33,7 @@ from phmdiff_cli.models.layers import (
     DiTBlock,
     FinalLayer,
     RefinementHead,
+    RefinementUNet,
     TimestepEmbedder,
     patchify,
     sincos_pos_embed_2d,
@@ -65,8 +68,8 @@ class PHMDiff(nn.Module):
         self.decoder_blocks = nn.ModuleList(
             DiTBlock(dec, config.decoder_heads, dim, config.mlp_ratio) for _ in range(config.decoder_depth))
         self.final_layers = nn.ModuleList(FinalLayer(dec, dim, p, 1) for p in config.patch_sizes)
-        self.refine = nn.ModuleList(RefinementHead(self.in_channels, config.refine_channels, dim)
-                                    for _ in config.patch_sizes) if config.refine_channels else None
+        self.refine = nn.ModuleList(self._refinement_head() for _ in config.patch_sizes) \
+            if config.refine_channels else None
         for level in range(config.levels):
             # Fixed, so not saved: they rebuild from the config.
             grid = config.grid_size(level)
@@ -74,6 +77,13 @@ class PHMDiff(nn.Module):
             dec_pos = sincos_pos_embed_2d(dec, grid)
             self.register_buffer(f"decoder_pos_embed_{level}", dec_pos, persistent=False)
         self.initialize_weights()
+
+    def _refinement_head(self) -> nn.Module:
+        cfg = self.config
+        if cfg.refine_depth:
+            return RefinementUNet(self.in_channels, cfg.refine_channels, cfg.hidden_size, cfg.decoder_hidden_size,
+                                  cfg.refine_depth)
+        return RefinementHead(self.in_channels, cfg.refine_channels, cfg.hidden_size)
 
     def initialize_weights(self) -> None:
         """DiT initialisation: Xavier linears, N(0, 0.02) embeddings, zero adaLN and output layers so every
@@ -213,4 +223,7 @@ class PHMDiff(nn.Module):
         """(B, 1, h, w) raw output F: decoder tokens unpatchified, then refined at full resolution."""
         patch = self.config.patch_sizes[level]
         out = unpatchify(self.final_layers[level](h, c), patch, self.config.grid_size(level), 1)
-        return out if self.refine is None else self.refine[level](out, stack, c)
+        if self.refine is None:
+            return out
+        head = self.refine[level]
+        return head(out, stack, c, h) if isinstance(head, RefinementUNet) else head(out, stack, c)
