@@ -18,9 +18,10 @@ large    240         2, 4, 8     768     24     900     292 M   GPU
 Tokens are per level (equal at every level, 3 levels). ``small`` uses 16-pixel patches at the finest level so a
 CPU step stays under a second; the GPU sizes use 8-pixel patches (4x the tokens) for finer detail. Every size
 has a convolutional refinement head after unpatchify, which removes the block edges of large patches, sees its
-MRI sources by rank (``source_norm``) and trains 30 % of its samples at the sampler's first noise level
-(``DiffusionConfig.p_sigma_max``). The dataclass defaults of those two fields (``"percentile"``, 0) are what a
-``config.json`` written before they existed meant.
+MRI sources by rank (``source_norm``), trains half of its samples at the sampler's first noise level
+(``DiffusionConfig.p_sigma_max``) and its finer levels on coarse conditions noised by up to 0.5
+(``DiffusionConfig.coarse_noise``). The dataclass defaults of those fields (``"percentile"``, 0, 0.1; a
+three-convolution head for ``refine_depth`` 0) are what a ``config.json`` written before they existed meant.
 """
 
 from __future__ import annotations
@@ -49,7 +50,9 @@ class DiffusionConfig:
             conditional mean given the sources), where the log-normal puts about 2 % of its samples.
         coarse_noise: training only: the upsampled coarse condition of level l > 0 is the downsampled ground
             truth plus Gaussian noise of a per-sample std drawn from U(0, coarse_noise), so the finer level
-            learns to correct an imperfect coarse sample rather than copy it.
+            learns to correct an imperfect coarse sample rather than copy it. The registered sizes use 0.5:
+            with 0.1 the finer levels copied the coarse sample and added nothing from the sources (a coarse
+            sample's error is ~0.2 rms; benchmarks/README.md, "Coarse-sample augmentation").
         mae_weight: weight of the reconstruction loss on masked tokens (MaskDiT: 0.1).
         cgr_pixel: CGR pixel term: the fine prediction, area-downsampled, against the coarser level's
             prediction.
@@ -78,6 +81,9 @@ class SamplingConfig:
         steps: steps per level, coarse to fine.
         sigma_min, sigma_max, rho: the EDM noise-level schedule. sigma_max = 20 (40 times the data's
             standard deviation: the start is pure noise) rather than EDM's 80, which training never reaches.
+        coarse_noise: std of the Gaussian noise added to each level's sample before it conditions the next
+            level (cascaded diffusion's conditioning augmentation at inference, Ho et al. 2022): it tells the
+            finer level, trained with ``DiffusionConfig.coarse_noise``, how far to trust the coarse sample.
     """
 
     sampler: str = "heun"
@@ -85,6 +91,7 @@ class SamplingConfig:
     sigma_min: float = 0.002
     sigma_max: float = 20.0
     rho: float = 7.0
+    coarse_noise: float = 0.0
 
 
 @dataclass
@@ -220,21 +227,21 @@ SIZES: dict[str, ModelConfig] = {
     "tiny": ModelConfig(size="tiny", image_size=64, patch_sizes=(2, 4, 8), hidden_size=64, depth=2,
                         num_heads=2, decoder_hidden_size=64, decoder_depth=1, decoder_heads=2, refine_channels=8,
                         refine_depth=2,
-                        source_norm="rank", diffusion=DiffusionConfig(p_sigma_max=0.3),
+                        source_norm="rank", diffusion=DiffusionConfig(p_sigma_max=0.5, coarse_noise=0.5),
                         sampling=SamplingConfig(steps=(4, 3, 2))),
     "small": ModelConfig(size="small", image_size=240, patch_sizes=(4, 8, 16), hidden_size=256, depth=8,
                          num_heads=4, decoder_hidden_size=192, decoder_depth=2, decoder_heads=3, refine_channels=16,
                          refine_depth=2,
-                         source_norm="rank", diffusion=DiffusionConfig(p_sigma_max=0.3),
+                         source_norm="rank", diffusion=DiffusionConfig(p_sigma_max=0.5, coarse_noise=0.5),
                          sampling=SamplingConfig(sampler="euler", steps=(3, 2, 2))),
     "base": ModelConfig(size="base", image_size=240, patch_sizes=(2, 4, 8), hidden_size=512, depth=12,
                         num_heads=8, decoder_hidden_size=384, decoder_depth=4, decoder_heads=6, refine_channels=32,
                         refine_depth=2,
-                        source_norm="rank", diffusion=DiffusionConfig(p_sigma_max=0.3)),
+                        source_norm="rank", diffusion=DiffusionConfig(p_sigma_max=0.5, coarse_noise=0.5)),
     "large": ModelConfig(size="large", image_size=240, patch_sizes=(2, 4, 8), hidden_size=768, depth=24,
                          num_heads=12, decoder_hidden_size=512, decoder_depth=6, decoder_heads=8, refine_channels=32,
                          refine_depth=2,
-                         source_norm="rank", diffusion=DiffusionConfig(p_sigma_max=0.3)),
+                         source_norm="rank", diffusion=DiffusionConfig(p_sigma_max=0.5, coarse_noise=0.5)),
 }
 
 

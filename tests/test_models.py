@@ -162,7 +162,7 @@ def test_configs_from_before_rank_sources_and_p_sigma_max_keep_their_meaning() -
     """The registered sizes see sources by rank and train at sigma_max; a config.json without those fields
     (the first shipped model's) was trained on percentile-scaled sources with log-normal noise only."""
     data = model_config("small").to_dict()
-    assert (data["source_norm"], data["diffusion"]["p_sigma_max"]) == ("rank", 0.3)
+    assert (data["source_norm"], data["diffusion"]["p_sigma_max"]) == ("rank", 0.5)
     del data["source_norm"], data["diffusion"]["p_sigma_max"]
     old = ModelConfig.from_dict(data)
     assert (old.source_norm, old.diffusion.p_sigma_max) == ("percentile", 0.0)

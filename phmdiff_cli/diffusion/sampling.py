@@ -70,6 +70,9 @@ def sample(
         generator = torch.Generator().manual_seed(noise_seed)
     noises = [_initial_noise((1, cfg.level_size(lv), cfg.level_size(lv)), b, samples, generator, device)
               for lv in range(cfg.levels)]
+    # Drawn after the initial noise, and only when used, so models without it sample what they always did.
+    coarse_noises = [_initial_noise((1, cfg.level_size(lv), cfg.level_size(lv)), b, samples, generator, device)
+                     * cfg.sampling.coarse_noise for lv in range(cfg.levels - 1)] if cfg.sampling.coarse_noise else []
     repeat = (samples,) + (1,) * (source.ndim - 1)
     sources = image_pyramid(source.repeat(repeat), cfg.levels)
     src_mod, tgt_mod = src_mod.repeat(samples, 1), tgt_mod.repeat(samples)
@@ -86,6 +89,6 @@ def sample(
             x = scheduler.step(denoised, x)
         x = x.clamp(-1.0, 1.0)
         if level + 1 < cfg.levels:
-            coarse = upsample(x, cfg.level_size(level + 1))
+            coarse = upsample(x + coarse_noises[level] if coarse_noises else x, cfg.level_size(level + 1))
     draws = x.reshape(samples, b, *x.shape[1:])
     return draws.mean(dim=0), (draws.std(dim=0) if samples > 1 else None)
