@@ -15,7 +15,9 @@ Methods (``--only`` picks some):
   ``no-pyramid`` (one 240 px level, 16 px patches), ``no-masking`` (mask ratio 0), ``no-cgr`` (the three CGR
   weights 0), ``one-model-per-pair`` (t1n:t2w alone for B/3: three such models would share B; only this one
   is trained), ``no-rank`` (percentile-scaled sources instead of their ranks), ``no-sigma-max`` (log-normal
-  training noise only: no share of samples at the sampler's sigma_max).
+  training noise only: no share of samples at the sampler's sigma_max), ``no-unet-head`` (the three-convolution
+  refinement head, 32 channels, instead of the UNet head), ``coarse-noise-0.1`` (the finer levels trained on
+  coarse conditions noised by at most 0.1 instead of 0.5).
 - baselines: ``plain-dit`` (the same Transformer without masking and pyramid, the 3 pairs, B), ``monai-ddim``
   (MONAI DiffusionModelUNet, DDPM training, DDIM sampling), ``regression-unet`` (MONAI BasicUNet, L1, one
   forward pass), both on t1n:t2w for B, and ``hist-matched-inverted`` (no training).
@@ -66,10 +68,19 @@ RUNS: dict[str, tuple[str, float, list[str]]] = {
     "one-model-per-pair": (PAIR, 1 / 3, []),
     "no-rank": (ALL_PAIRS, 1.0, ["--source-norm", "percentile"]),
     "no-sigma-max": (ALL_PAIRS, 1.0, ["--config", "{work}/no-sigma-max.json"]),
+    "no-unet-head": (ALL_PAIRS, 1.0, ["--config", "{work}/no-unet-head.json"]),
+    "coarse-noise-0.1": (ALL_PAIRS, 1.0, ["--config", "{work}/coarse-noise-0.1.json"]),
     "plain-dit": (ALL_PAIRS, 1.0, ["--levels", "1", "--mask-ratio", "0"]),
+}
+#: The model-config overrides (``phmdiff train --config``) that the ``{work}/NAME.json`` flags above name.
+CONFIGS: dict[str, dict[str, Any]] = {
+    "no-sigma-max": {"model": {"diffusion": {"p_sigma_max": 0.0}}},
+    "no-unet-head": {"model": {"refine_depth": 0, "refine_channels": 32}},
+    "coarse-noise-0.1": {"model": {"diffusion": {"coarse_noise": 0.1}}},
 }
 ROLES = {"phmdiff": "proposed", "no-pyramid": "ablation", "no-masking": "ablation", "no-cgr": "ablation",
          "one-model-per-pair": "ablation", "no-rank": "ablation", "no-sigma-max": "ablation",
+         "no-unet-head": "ablation", "coarse-noise-0.1": "ablation",
          "plain-dit": "baseline", "monai-ddim": "baseline",
          "regression-unet": "baseline", "hist-matched-inverted": "baseline"}
 #: AdamW learning rate per trained method unless ``--lr`` says otherwise (PHMDiff runs: the trainer's 2e-4).
@@ -169,7 +180,8 @@ def train_phmdiff(name: str, args: argparse.Namespace) -> Method:
     pairs, share, flags = RUNS[name]
     minutes, out = args.minutes * share, args.work / name
     args.work.mkdir(parents=True, exist_ok=True)
-    (args.work / "no-sigma-max.json").write_text(json.dumps({"model": {"diffusion": {"p_sigma_max": 0.0}}}))
+    if name in CONFIGS:
+        (args.work / f"{name}.json").write_text(json.dumps(CONFIGS[name]))
     flags = [flag.format(work=args.work) for flag in flags]
     never = "1000000000"  # no validation or checkpoint inside the budget; the trainer validates once after it
     subprocess.run([sys.executable, "-m", "phmdiff_cli", "train", "--data", str(args.data), "--pairs", pairs,

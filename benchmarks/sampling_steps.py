@@ -63,16 +63,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if (default.sampler, default.steps) not in settings:
         settings.append((default.sampler, default.steps))
     rows = []
-    for sigma_min in args.sigma_min:
-        pretrained.model.config.sampling = replace(default, sigma_min=sigma_min)
+    noises = args.coarse_noise or [default.coarse_noise]
+    grid = [(sigma_min, noise) for sigma_min in args.sigma_min for noise in noises]
+    for sigma_min, coarse_noise in grid:
+        pretrained.model.config.sampling = replace(default, sigma_min=sigma_min, coarse_noise=coarse_noise)
         for sampler, steps in settings:
             start = time.perf_counter()
             result = validate(pretrained.model, dataset, keys, steps=steps, sampler=sampler,
                               batch_size=args.batch_size, device=torch.device("cpu"), dtype=None, seed=0)
             seconds = time.perf_counter() - start
             rows.append({"sampler": sampler, "steps": list(steps), "sigma_min": sigma_min,
-                         "evaluations": evaluations(sampler, steps),
-                         "default": (sampler, steps) == (default.sampler, default.steps),
+                         "coarse_noise": coarse_noise, "evaluations": evaluations(sampler, steps),
+                         "default": (sampler, steps, sigma_min, coarse_noise)
+                         == (default.sampler, default.steps, default.sigma_min, default.coarse_noise),
                          "s_per_slice": seconds / len(keys), **result.mean,
                          "pairs": result.pairs})
             print(_line(rows[-1]), flush=True)
@@ -84,7 +87,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def _line(row: dict[str, Any]) -> str:
     steps = ",".join(map(str, row["steps"]))
     mark = " (default)" if row["default"] else ""
-    return (f"| {row['sampler']:5} | {steps:>8}{mark:10} | {row['sigma_min']:<6g} | {row['evaluations']:>5} | "
+    return (f"| {row['sampler']:5} | {steps:>8}{mark:10} | {row['sigma_min']:<6g} | {row['coarse_noise']:<4g} | "
+            f"{row['evaluations']:>5} | "
             f"{row['psnr']:6.2f} | {row['ssim']:.3f} | {row['s_per_slice']:6.2f} |")
 
 
@@ -94,10 +98,25 @@ def _per_level(text: str) -> list[tuple[str, tuple[int, ...]]]:
     return [(sampler, tuple(int(v) for v in steps.split(","))) for sampler, steps in pairs]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def model_arguments(parser: argparse.ArgumentParser, results: Path) -> None:
+    """The options of a benchmark of one trained model on its validation slices: --model, --data,
+    --val-slices, --cache-dir, --out (default ``results``)."""
     parser.add_argument("--model", default="brain-small", help="any phmdiff --model spec")
     parser.add_argument("--data", type=Path, help="the training data folder (default: the card's)")
+    parser.add_argument("--val-slices", type=int, default=8, help="slices per validation subject and pair")
+    parser.add_argument("--cache-dir", type=Path, default=ROOT / "runs" / "cache")
+    parser.add_argument("--out", type=Path, default=results)
+
+
+def write_report(report: dict[str, Any], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    model_arguments(parser, RESULTS)
     parser.add_argument("--pairs", default="t1n:t2w", help="pairs to score (of the model's)")
     parser.add_argument("--steps", default="1,2,4,8,16,32",
                         type=lambda s: [int(v) for v in s.split(",")], help="steps per level")
@@ -106,17 +125,13 @@ def main() -> None:
                         type=_per_level, help="further sampler:steps-per-level settings, ';'-separated")
     parser.add_argument("--max-heun-steps", type=int, default=16, help="skip slower Heun runs")
     parser.add_argument("--sigma-min", default="0.002", type=lambda s: [float(v) for v in s.split(",")])
-    parser.add_argument("--val-slices", type=int, default=8, help="slices per validation subject and pair")
+    parser.add_argument("--coarse-noise", default=None, type=lambda s: [float(v) for v in s.split(",")],
+                        help="inference noise on the coarse samples, comma-separated (default: the model's)")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--cache-dir", type=Path, default=ROOT / "runs" / "cache")
-    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    print("| sampler | steps/level | sigma_min | evals | PSNR dB | SSIM | s/slice |")
-    print("|---|---|---|---|---|---|---|")
-    report = run(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    print("| sampler | steps/level | sigma_min | coarse noise | evals | PSNR dB | SSIM | s/slice |")
+    print("|---|---|---|---|---|---|---|---|")
+    write_report(run(args), args.out)
 
 
 if __name__ == "__main__":

@@ -9,19 +9,23 @@ Sizes (:data:`SIZES`, see ``benchmarks/README.md`` for the measurements behind t
 =======  ==========  ==========  ======  =====  ======  ======  ===================================
 size     image (px)  patches     hidden  depth  tokens  params  use
 =======  ==========  ==========  ======  =====  ======  ======  ===================================
-tiny     64          2, 4, 8     64      2      64      0.34 M  tests; a training step in ~0.1 s
-small    240         4, 8, 16    256     8      225     12.4 M  the shipped CPU model
-base     240         2, 4, 8     512     12     900     71 M    GPU
-large    240         2, 4, 8     768     24     900     292 M   GPU
+tiny     64          2, 4, 8     64      2      64      0.45 M  tests; a training step in ~0.1 s
+small    240         4, 8, 16    256     8      225     13.0 M  the shipped CPU model
+base     240         2, 4, 8     512     12     900     73 M    GPU
+large    240         2, 4, 8     768     24     900     295 M   GPU
 =======  ==========  ==========  ======  =====  ======  ======  ===================================
 
 Tokens are per level (equal at every level, 3 levels). ``small`` uses 16-pixel patches at the finest level so a
-CPU step stays under a second; the GPU sizes use 8-pixel patches (4x the tokens) for finer detail. Every size
-has a convolutional refinement head after unpatchify, which removes the block edges of large patches, sees its
-MRI sources by rank (``source_norm``), trains half of its samples at the sampler's first noise level
-(``DiffusionConfig.p_sigma_max``) and its finer levels on coarse conditions noised by up to 0.5
-(``DiffusionConfig.coarse_noise``). The dataclass defaults of those fields (``"percentile"``, 0, 0.1; a
-three-convolution head for ``refine_depth`` 0) are what a ``config.json`` written before they existed meant.
+CPU step stays near a second; the GPU sizes use 8-pixel patches (4x the tokens) for finer detail. Every size:
+
+- refines each level with a small conditioned UNet after unpatchify (``refine_depth`` 2), which removes the
+  block edges of large patches and learns local source -> target mappings at full resolution;
+- sees its MRI sources by rank (``source_norm``);
+- trains half of its samples at the sampler's first noise level (``DiffusionConfig.p_sigma_max``), and its finer
+  levels on coarse conditions noised by up to 0.5 (``DiffusionConfig.coarse_noise``).
+
+The dataclass defaults of those fields (a three-convolution head for ``refine_depth`` 0, ``"percentile"``, 0,
+0.1) are what a ``config.json`` written before they existed meant.
 """
 
 from __future__ import annotations
