@@ -26,7 +26,8 @@ Methods (``--only`` picks some):
 PHMDiff models are sampled with their config's default steps (``--steps`` overrides) and evaluated from
 ``last/`` (``best/`` is chosen on this validation subject). Single seed, one run each.
 
-    python benchmarks/quality.py --cache-dir runs/brain-small/cache      # ~45-60 min on 2 CPU cores (B = 4)
+    pip install -e ".[bench]"     # monai-ddim's MONAI DiffusionModelUNet imports einops
+    python benchmarks/quality.py --cache-dir runs/brain-small/cache      # ~60 min on 2 CPU cores (B = 4)
 """
 
 from __future__ import annotations

@@ -159,7 +159,8 @@ class RefinementUNet(nn.Module):
 
     The three-convolution :class:`RefinementHead` sees 7 x 7 pixels, so every structure larger than that has to
     come through the Transformer's 16-pixel tokens, which learn a source -> target mapping several times slower
-    than a convolutional network (benchmarks/README.md, "Why a UNet head"). This head goes ``depth`` times down
+    than a convolutional network (benchmarks/README.md, "What would close the gap"; ``quality.py``'s
+    ``no-unet-head`` ablation). This head goes ``depth`` times down
     by strided convolutions (widths ``channels * 2**i``), adds the decoder's tokens (projected, resized) at its
     bottleneck so the local path also sees the Transformer's global context, and comes back up with skip
     connections (U-ViT / Simple Diffusion: convolutions at high resolution, a Transformer at low resolution).
