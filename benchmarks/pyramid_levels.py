@@ -19,7 +19,6 @@ or raises the chained correlation from the level below; one that copies its cond
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 import torch
