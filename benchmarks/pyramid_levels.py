@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 from engine_speed import ROOT, machine
-from sampling_steps import model_arguments, validation_slices, write_report
+from sampling_steps import model_arguments, run_and_report, validation_slices
 from torch import Tensor
 
 from phmdiff_cli.diffusion.edm import denoise
@@ -91,10 +91,8 @@ def main() -> None:
     parser.add_argument("--coarse-noise", type=float, default=0.0,
                         help="std of the noise added to the chained coarse prediction (default 0)")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    print("| level | px | real coarse: corr / RMSE | chained: corr / RMSE | copy: corr / RMSE |")
-    print("|---|---|---|---|---|")
-    write_report(run(args), args.out)
+    run_and_report(parser, ["level", "px", "real coarse: corr / RMSE", "chained: corr / RMSE", "copy: corr / RMSE"],
+                   run)
 
 
 if __name__ == "__main__":

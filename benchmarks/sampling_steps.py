@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -108,10 +109,17 @@ def model_arguments(parser: argparse.ArgumentParser, results: Path) -> None:
     parser.add_argument("--out", type=Path, default=results)
 
 
-def write_report(report: dict[str, Any], out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+def run_and_report(parser: argparse.ArgumentParser, columns: list[str],
+                   run: Callable[[argparse.Namespace], dict[str, Any]]) -> None:
+    """Parse the options, print a markdown table header of ``columns`` (``run`` prints the rows as it goes),
+    and write ``run``'s report as JSON to ``--out``."""
+    args = parser.parse_args()
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    report = run(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
 
 
 def main() -> None:
@@ -128,10 +136,8 @@ def main() -> None:
     parser.add_argument("--coarse-noise", default=None, type=lambda s: [float(v) for v in s.split(",")],
                         help="inference noise on the coarse samples, comma-separated (default: the model's)")
     parser.add_argument("--batch-size", type=int, default=8)
-    args = parser.parse_args()
-    print("| sampler | steps/level | sigma_min | coarse noise | evals | PSNR dB | SSIM | s/slice |")
-    print("|---|---|---|---|---|---|---|---|")
-    write_report(run(args), args.out)
+    run_and_report(parser, ["sampler", "steps/level", "sigma_min", "coarse noise", "evals", "PSNR dB", "SSIM",
+                            "s/slice"], run)
 
 
 if __name__ == "__main__":
