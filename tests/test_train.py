@@ -141,6 +141,21 @@ def test_validation_metrics_and_previews_are_logged(trained: Path) -> None:
     assert vals[0]["best"] is True
 
 
+@pytest.mark.slow
+def test_last_card_has_the_final_validation(brats2: Path, cache: Path, tmp_path: Path) -> None:
+    """A run whose last step is a checkpoint step but not a validation step: the final validation runs after
+    that checkpoint, and ``last/``'s card must carry its metrics, not the previous validation's."""
+    run = tmp_path / "run"
+    args = ["--max-steps", "8", "--val-every", "6", "--checkpoint-every", "4"]
+    code, output = _train(*_base(brats2, cache, run), *args)
+    assert code == 0, output
+    final = [r for r in _log(run) if "val" in r][-1]
+    assert final["step"] == 8
+    card = load_pretrained(run / "last").card
+    assert card["metrics"]["val_step"] == 8
+    assert card["metrics"]["val"]["mean"] == pytest.approx(final["val"]["mean"])
+
+
 ##################################################################################
 #                                Resume and signals                              #
 ##################################################################################

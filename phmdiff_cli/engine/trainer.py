@@ -355,9 +355,10 @@ class Trainer:
                     self._checkpoint(clock)
                 meter.overhead += time.monotonic() - paused  # not training time
         signum = stop[0] if stop else None
-        if signum is None and self.val_set is not None and (state.val or {}).get("step") != state.step:
+        final_val = signum is None and self.val_set is not None and (state.val or {}).get("step") != state.step
+        if final_val:
             self._validate(clock)
-        if self.saved_step != state.step:
+        if final_val or self.saved_step != state.step:  # last/'s card then has the final step's metrics
             self._checkpoint(clock)
         return TrainResult(self.run.root, state, signum, self.info.is_main)
 
