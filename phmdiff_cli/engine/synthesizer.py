@@ -143,9 +143,10 @@ def slice_bytes(pretrained: Pretrained, samples: int = 1) -> int:
 
     Counts the source stack and its pyramid, the level input, the largest Transformer activations (QKV and
     MLP), the attention matrix and the refinement head's full-resolution feature maps at the finest level: five
-    for the three-convolution head (convolution, modulation, activation, convolution, activation), eight for the
-    UNet head (its first stage's four, the upsampled bottleneck's two, the skip concatenation's, the last
-    convolution's); see benchmarks/README.md for the measured peak-RSS growth per added slice.
+    for the three-convolution head (convolution, modulation, activation, convolution, activation), thirteen for
+    the UNet head: the eight it holds at once by count (its first stage's four, the upsampled bottleneck's two,
+    the skip concatenation's, the last convolution's) fell ~17 MiB short of the measured peak-RSS growth per
+    added slice of ``small`` (53-71 MiB, benchmarks/README.md), about five maps more.
     """
     cfg = pretrained.config
     pixels = cfg.image_size**2
@@ -156,7 +157,7 @@ def slice_bytes(pretrained: Pretrained, samples: int = 1) -> int:
         + (sources + 2 * pixels) * 2  # one level's input and its patches
         + tokens * cfg.hidden_size * (3 + cfg.mlp_ratio + 2)
         + cfg.num_heads * tokens**2
-        + (8 if cfg.refine_depth else 5) * cfg.refine_channels * pixels
+        + (13 if cfg.refine_depth else 5) * cfg.refine_channels * pixels
     )
     return int(4 * floats * samples)
 
