@@ -111,9 +111,11 @@ def ddpm_loss(model: nn.Module) -> Callable[[Batch], Tensor]:
     return loss
 
 
-def ddim_predict(model: nn.Module, steps: int, seed: int) -> Predict:
+def ddim_predict(model: nn.Module, steps: int, seed: int, dtype: torch.dtype | None) -> Predict:
     """Deterministic DDIM (eta 0, x0 clipped to [-1, 1]) in ``steps`` network evaluations, from noise seeded
-    by ``seed`` at every batch."""
+    by ``seed`` at every batch. The network runs under autocast to ``dtype`` (None: fp32), the precision it
+    was trained in; the DDIM state stays fp32. Why not fp32: on the 2-core CPU of benchmarks/README.md one
+    fp32 forward of 8 slices takes ~40 s (~15 s in bf16), so 20 fp32 steps over 32 slices take ~50 min."""
     scheduler = DDIMScheduler(num_train_timesteps=DDPM_STEPS)
     scheduler.set_timesteps(steps)
 
@@ -121,8 +123,9 @@ def ddim_predict(model: nn.Module, steps: int, seed: int) -> Predict:
         cond = stack(batch)
         x = torch.randn(len(cond), 1, *cond.shape[-2:], generator=torch.Generator().manual_seed(seed))
         for t in scheduler.timesteps:
-            eps = model(torch.cat([x, cond], dim=1), timesteps=torch.full((len(x),), int(t)))
-            x, _ = scheduler.step(eps, int(t), x)
+            with autocast(torch.device("cpu"), dtype):
+                eps = model(torch.cat([x, cond], dim=1), timesteps=torch.full((len(x),), int(t)))
+            x, _ = scheduler.step(eps.float(), int(t), x)
         return x.clamp(-1.0, 1.0)
 
     return predict

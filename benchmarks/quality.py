@@ -24,10 +24,13 @@ Methods (``--only`` picks some):
 - ``--shipped PATH`` adds an already-trained model, with its own budget.
 
 PHMDiff models are sampled with their config's default steps (``--steps`` overrides) and evaluated from
-``last/`` (``best/`` is chosen on this validation subject). Single seed, one run each.
+``last/`` (``best/`` is chosen on this validation subject). Every method is scored in fp32 except
+``monai-ddim``, whose network runs under its training autocast (fp32 DDIM would take ~50 min here; see
+:func:`baselines.ddim_predict`). Single seed, one run each.
 
     pip install -e ".[bench]"     # monai-ddim's MONAI DiffusionModelUNet imports einops
     python benchmarks/quality.py --cache-dir runs/brain-small/cache      # ~60 min on 2 CPU cores (B = 4)
+    python benchmarks/quality.py --cache-dir runs/brain-small/cache --only monai-ddim --update  # one row again
 """
 
 from __future__ import annotations
@@ -207,10 +210,11 @@ def train_baseline(name: str, slices: Slices, args: argparse.Namespace) -> Metho
     dtype = resolve_precision("auto", torch.device("cpu"))  # what `phmdiff train` picks for the PHMDiff runs
     trained = baselines.train_for(net, loss(net), batches(slices.train, size, args.seed), minutes=args.minutes,
                                   lr=lr, warmup=args.warmup, ema_decay=args.ema_decay, dtype=dtype)
-    predict = (baselines.ddim_predict(trained.model, args.ddim_steps, args.seed) if name == "monai-ddim"
+    predict = (baselines.ddim_predict(trained.model, args.ddim_steps, args.seed, dtype) if name == "monai-ddim"
                else baselines.regression_predict(trained.model))
     settings = {"batch": size, "lr": lr, "train_s": round(trained.seconds, 1), "precision": str(dtype),
-                "sampler": f"DDIM {args.ddim_steps} steps" if name == "monai-ddim" else "one forward pass"}
+                "sampler": f"DDIM {args.ddim_steps} steps, {dtype} autocast" if name == "monai-ddim"
+                else "one forward pass, fp32"}
     return Method(name, predict, PAIR, args.minutes, trained.steps, params_of(net), evals, settings)
 
 
@@ -300,6 +304,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--cache-dir", type=Path, default=None, help="preprocessing cache (default WORK/cache; "
                         "runs/brain-small/cache holds these subjects already)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "quality.json")
+    parser.add_argument("--update", action="store_true", help="rerun only these methods: keep --out's other "
+                        "rows, replace the rows of the methods run, and log this run in its 'runs'")
     args = parser.parse_args()
     args.only = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = sorted(set(args.only) - set(ROLES))
@@ -310,8 +316,19 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def merge(previous: dict[str, Any] | None, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``previous``'s rows with those of the methods in ``rows`` replaced, in :data:`ROLES` order (the shipped
+    model's rows last)."""
+    if previous is None:
+        return rows
+    by_name = {r["method"]: r for r in previous["rows"]} | {r["method"]: r for r in rows}
+    order = list(ROLES)
+    return sorted(by_name.values(), key=lambda r: order.index(r["method"]) if r["method"] in ROLES else len(order))
+
+
 def main() -> None:
     args = parse_args()
+    previous = json.loads(args.out.read_text()) if args.update and args.out.exists() else None
     info = machine()
     print(f"# {info['cpu']}, {info['cores']} cores, {info['threads']} threads, torch {info['torch']}, "
           f"load {info['load_avg_at_start']}", flush=True)
@@ -323,17 +340,23 @@ def main() -> None:
                 "val_subject": VAL_SUBJECT, "pair": PAIR, "eval_keys": slices.keys,
                 "metrics": "psnr, ssim2d of phmdiff eval: percentile scale, auto mask of the reference"}
     rows: list[dict[str, Any]] = []
+    report: dict[str, Any] = {"rows": [], "verdict": verdict([])}
     for name in names:
         print(f"# {name}: training / preparing", flush=True)
         method = build(name, slices, args)
         rows.append(row_of(method, score(method.predict, slices, args.eval_batch)))
         print(f"# {name}: PSNR {rows[-1]['psnr_db']} dB, SSIM {rows[-1]['ssim']}", flush=True)
-        report = {"machine": info, "settings": settings, "rows": rows, "verdict": verdict(rows)}
+        merged = merge(previous, rows)
+        report = {"machine": info, "settings": settings, "rows": merged, "verdict": verdict(merged)}
+        if previous is not None:  # the first run's machine and settings stay on top; each update is logged
+            update = {"only": [r["method"] for r in rows], "machine": info, "settings": settings}
+            report = {**previous, "rows": merged, "verdict": verdict(merged),
+                      "runs": [*previous.get("runs", []), update]}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1))  # after every method: a crash keeps the finished ones
     print()
-    print_table(rows)
-    print(f"\n{verdict(rows)['text']}\nwrote {args.out}")
+    print_table(report["rows"])
+    print(f"\n{report['verdict']['text']}\nwrote {args.out}")
 
 
 if __name__ == "__main__":
