@@ -2,6 +2,7 @@
 into ``weights/brain-small`` with a card that names the training data's licences.
 
     python weights/brain_small.py train    # ~70 min on 2 CPU cores (--minutes 70), from the repository root
+    python weights/brain_small.py extend   # resume it to step 5000 (~50 min here)
     python weights/brain_small.py ship [RUN]   # RUN/last (default runs/brain-small) -> weights/brain-small
 
 The validation subject, TCGA-DU-7294, is held out from training; it is also the example image in
@@ -26,6 +27,10 @@ TRAIN = [
     "--checkpoint-minutes", "10", "--precision", "bf16", "--config", "weights/brain_small.json",
     "--out", str(RUN.relative_to(ROOT)),
 ]
+#: The second stage: the same run resumed (unmasked fine-tune, as its last 10 % of minutes began) to a step
+#: count, which does not depend on the machine's speed as a time budget does.
+EXTEND = ["phmdiff", "train", "--resume", "--out", str(RUN.relative_to(ROOT)), "--max-steps", "5000",
+          "--minutes", "1000"]
 #: The data's terms, from ../shared/data/README.md: weights inherit them.
 LICENCES = {
     "BraTS-GLI-00001-000": "BraTS 2023 challenge terms (research use)",
@@ -44,19 +49,19 @@ def ship(run: Path) -> Path:
     training = dict(card["training"])
     training["data"] = {**training["data"], "root": DATA}
     training["licences"] = LICENCES
-    training["recipe"] = "python weights/brain_small.py train"
+    training["recipe"] = "python weights/brain_small.py train, then extend"
     training["stored_dtype"] = "float16"
     return save_model(ROOT / "weights" / "brain-small", state, {**card, "training": training}, force=True)
 
 
 def main() -> None:
     action = sys.argv[1] if len(sys.argv) > 1 else ""
-    if action == "train":
-        subprocess.run(TRAIN, cwd=ROOT, check=True)
+    if action in ("train", "extend"):
+        subprocess.run(TRAIN if action == "train" else EXTEND, cwd=ROOT, check=True)
     elif action == "ship":
         print(ship(Path(sys.argv[2]) if len(sys.argv) > 2 else RUN))
     else:
-        sys.exit(f"usage: python {Path(__file__).name} train | ship [RUN]")
+        sys.exit(f"usage: python {Path(__file__).name} train | extend | ship [RUN]")
 
 
 if __name__ == "__main__":
