@@ -1,4 +1,4 @@
-"""How the shipped ``brain-small`` model is made: the training command, and the copy of its best checkpoint
+"""How the shipped ``brain-small`` model is made: the training commands, and the copy of the run's last model
 into ``weights/brain-small`` with a card that names the training data's licences.
 
     python weights/brain_small.py train    # ~70 min on 2 CPU cores (--minutes 70), from the repository root
@@ -27,8 +27,8 @@ TRAIN = [
     "--checkpoint-minutes", "10", "--precision", "bf16", "--config", "weights/brain_small.json",
     "--out", str(RUN.relative_to(ROOT)),
 ]
-#: The second stage: the same run resumed (unmasked fine-tune, as its last 10 % of minutes began) to a step
-#: count, which does not depend on the machine's speed as a time budget does.
+#: The second stage: the same run resumed to a step count (which, unlike a time budget, does not depend on how
+#: busy the machine is), continuing the unmasked fine-tune that began in the first stage's last 10 % of minutes.
 EXTEND = ["phmdiff", "train", "--resume", "--out", str(RUN.relative_to(ROOT)), "--max-steps", "5000",
           "--minutes", "1000"]
 #: The data's terms, from ../shared/data/README.md: weights inherit them.
