@@ -316,14 +316,23 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def merge(previous: dict[str, Any] | None, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``previous``'s rows with those of the methods in ``rows`` replaced, in :data:`ROLES` order (the shipped
+def merge(previous: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``previous`` rows with those of the methods in ``rows`` replaced, in :data:`ROLES` order (the shipped
     model's rows last)."""
-    if previous is None:
-        return rows
-    by_name = {r["method"]: r for r in previous["rows"]} | {r["method"]: r for r in rows}
+    by_name = {r["method"]: r for r in previous} | {r["method"]: r for r in rows}
     order = list(ROLES)
     return sorted(by_name.values(), key=lambda r: order.index(r["method"]) if r["method"] in ROLES else len(order))
+
+
+def report_of(previous: dict[str, Any] | None, rows: list[dict[str, Any]], info: dict[str, Any],
+              settings: dict[str, Any]) -> dict[str, Any]:
+    """The results file: ``rows`` alone, or (``--update``) merged into ``previous``, whose machine and settings
+    stay on top and whose ``runs`` log this update."""
+    if previous is None:
+        return {"machine": info, "settings": settings, "rows": rows, "verdict": verdict(rows)}
+    merged = merge(previous["rows"], rows)
+    update = {"only": [r["method"] for r in rows], "machine": info, "settings": settings}
+    return {**previous, "rows": merged, "verdict": verdict(merged), "runs": [*previous.get("runs", []), update]}
 
 
 def main() -> None:
@@ -340,18 +349,13 @@ def main() -> None:
                 "val_subject": VAL_SUBJECT, "pair": PAIR, "eval_keys": slices.keys,
                 "metrics": "psnr, ssim2d of phmdiff eval: percentile scale, auto mask of the reference"}
     rows: list[dict[str, Any]] = []
-    report: dict[str, Any] = {"rows": [], "verdict": verdict([])}
+    report = report_of(previous, rows, info, settings)
     for name in names:
         print(f"# {name}: training / preparing", flush=True)
         method = build(name, slices, args)
         rows.append(row_of(method, score(method.predict, slices, args.eval_batch)))
         print(f"# {name}: PSNR {rows[-1]['psnr_db']} dB, SSIM {rows[-1]['ssim']}", flush=True)
-        merged = merge(previous, rows)
-        report = {"machine": info, "settings": settings, "rows": merged, "verdict": verdict(merged)}
-        if previous is not None:  # the first run's machine and settings stay on top; each update is logged
-            update = {"only": [r["method"] for r in rows], "machine": info, "settings": settings}
-            report = {**previous, "rows": merged, "verdict": verdict(merged),
-                      "runs": [*previous.get("runs", []), update]}
+        report = report_of(previous, rows, info, settings)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1))  # after every method: a crash keeps the finished ones
     print()
