@@ -177,6 +177,17 @@ def test_resume_continues_bit_for_bit(brats2: Path, cache: Path, tmp_path: Path)
 
 
 @pytest.mark.slow
+def test_resume_may_add_an_lr_cooldown(brats2: Path, cache: Path, tmp_path: Path) -> None:
+    """The cooldown set on resume decays the LR over the last fraction of the whole run's step budget."""
+    run, args = tmp_path / "run", ["--val-fraction", "0", "--log-every", "1", "--lr", "1e-3", "--warmup-steps", "0"]
+    assert _train(*_base(brats2, cache, run), *args, "--max-steps", "2")[0] == 0
+    code, output = _train("--resume", "--out", run, "--max-steps", "4", "--lr-cooldown", "0.5")
+    assert code == 0, output
+    # step i (0-based) runs at budget fraction i / 4: constant up to 0.5, then linear to 0 at 1
+    assert [r["lr"] for r in _log(run)] == pytest.approx([1e-3, 1e-3, 1e-3, 5e-4])
+
+
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_exits(brats2: Path, cache: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     command = _command(brats2, cache, run, "--val-fraction", "0", "--log-every", "1")

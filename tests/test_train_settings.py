@@ -76,6 +76,19 @@ def test_budget_and_learning_rate_schedule() -> None:
     assert TrainSettings(minutes=5).warmup == 500 and TrainSettings(warmup_steps=0).lr_at(0) == 2e-4
 
 
+def test_lr_cooldown_decays_over_the_first_budget_to_run_out() -> None:
+    both = TrainSettings(lr=1e-3, max_steps=100, minutes=10, lr_cooldown=0.2)
+    assert both.progress(50, 0.0) == 0.5 and both.progress(10, 540.0) == pytest.approx(0.9)  # the clock leads
+    # constant until 80 % of the budget, then linear to 0 at its end
+    assert [both.lr_at(50, p) for p in (0.5, 0.8, 0.9, 1.0)] == pytest.approx([1e-3, 1e-3, 5e-4, 0.0])
+    assert TrainSettings(lr=1e-3, max_steps=100).lr_at(50, 0.99) == 1e-3  # no cooldown by default
+    saved = TrainSettings(data="d", pairs="t1n:t2w", max_steps=100).to_dict()
+    saved.pop("lr_cooldown")  # a run from before the setting existed resumes, and may add a cooldown
+    assert resumed_settings(saved, {"lr_cooldown": 0.3}, Path("run")).lr_cooldown == 0.3
+    with pytest.raises(InputError, match="--lr-cooldown 1.5 must be in"):
+        TrainSettings(lr_cooldown=1.5).check()
+
+
 def test_model_config_follows_levels_mask_ratio_and_overrides() -> None:
     settings = TrainSettings(
         size="tiny",

@@ -3,6 +3,7 @@ into ``weights/brain-small`` with a card that names the training data's licences
 
     python weights/brain_small.py train    # ~70 min on 2 CPU cores (--minutes 70), from the repository root
     python weights/brain_small.py extend   # resume it to step 5000 (~50 min here)
+    python weights/brain_small.py cooldown # resume it to step 7200, the LR decaying to 0 (~85 min here)
     python weights/brain_small.py ship [RUN]   # RUN/last (default runs/brain-small) -> weights/brain-small
 
 The validation subject, TCGA-DU-7294, is held out from training; it is also the example image in
@@ -27,10 +28,16 @@ TRAIN = [
     "--checkpoint-minutes", "10", "--precision", "bf16", "--config", "weights/brain_small.json",
     "--out", str(RUN.relative_to(ROOT)),
 ]
-#: The second stage: the same run resumed to a step count (which, unlike a time budget, does not depend on how
+#: The later stages resume the same run to a step count (which, unlike a time budget, does not depend on how
 #: busy the machine is), continuing the unmasked fine-tune that began in the first stage's last 10 % of minutes.
-EXTEND = ["phmdiff", "train", "--resume", "--out", str(RUN.relative_to(ROOT)), "--max-steps", "5000",
-          "--minutes", "1000"]
+RESUME = ["phmdiff", "train", "--resume", "--out", str(RUN.relative_to(ROOT)), "--minutes", "1000"]
+#: ``cooldown``: the LR (constant until then) decays linearly to 0 from 70 % of the
+#: 7200-step budget (step 5040) to its end, warmup-stable-decay.
+STAGES = {
+    "train": TRAIN,
+    "extend": [*RESUME, "--max-steps", "5000"],
+    "cooldown": [*RESUME, "--max-steps", "7200", "--lr-cooldown", "0.3"],
+}
 #: The data's terms, from ../shared/data/README.md: weights inherit them.
 LICENCES = {
     "BraTS-GLI-00001-000": "BraTS 2023 challenge terms (research use)",
@@ -49,19 +56,19 @@ def ship(run: Path) -> Path:
     training = dict(card["training"])
     training["data"] = {**training["data"], "root": DATA}
     training["licences"] = LICENCES
-    training["recipe"] = "python weights/brain_small.py train, then extend"
+    training["recipe"] = "python weights/brain_small.py train, then extend, then cooldown"
     training["stored_dtype"] = "float16"
     return save_model(ROOT / "weights" / "brain-small", state, {**card, "training": training}, force=True)
 
 
 def main() -> None:
     action = sys.argv[1] if len(sys.argv) > 1 else ""
-    if action in ("train", "extend"):
-        subprocess.run(TRAIN if action == "train" else EXTEND, cwd=ROOT, check=True)
+    if action in STAGES:
+        subprocess.run(STAGES[action], cwd=ROOT, check=True)
     elif action == "ship":
         print(ship(Path(sys.argv[2]) if len(sys.argv) > 2 else RUN))
     else:
-        sys.exit(f"usage: python {Path(__file__).name} train | extend | ship [RUN]")
+        sys.exit(f"usage: python {Path(__file__).name} {' | '.join(STAGES)} | ship [RUN]")
 
 
 if __name__ == "__main__":

@@ -111,6 +111,11 @@ def train(
     warmup_steps: int | None = typer.Option(
         None, "--warmup-steps", help="Linear LR warm-up steps. (default: min(500, max steps / 10))"
     ),
+    lr_cooldown: float | None = typer.Option(
+        None,
+        "--lr-cooldown",
+        help=f"Last fraction of the budget that decays the LR linearly to 0. {_default('lr_cooldown')}",
+    ),
     max_steps: int | None = typer.Option(
         None, "--max-steps", help="Step budget of the whole run. (default: 100000 without --minutes)"
     ),
@@ -223,6 +228,7 @@ def train(
         batch_size=batch_size,
         lr=lr,
         warmup_steps=warmup_steps,
+        lr_cooldown=lr_cooldown,
         max_steps=max_steps,
         minutes=minutes,
         finetune_fraction=finetune_fraction,

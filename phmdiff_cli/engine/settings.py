@@ -33,11 +33,13 @@ __all__ = [
 
 #: The step budget when neither ``max_steps`` nor ``minutes`` is given (Ctrl-C stops and saves any time).
 DEFAULT_MAX_STEPS = 100_000
-#: Settings a resumed run may change: the budget, evaluation/checkpoint/log intervals and the hardware.
+#: Settings a resumed run may change: the budget and its LR cooldown, evaluation/checkpoint/log intervals and
+#: the hardware.
 RESUMABLE = frozenset(
     {
         "max_steps",
         "minutes",
+        "lr_cooldown",
         "val_every",
         "checkpoint_every",
         "checkpoint_minutes",
@@ -68,7 +70,8 @@ class TrainSettings:
         model: further ``ModelConfig`` fields (e.g. ``{"depth": 4}``).
     Optimisation:
         batch_size: slices per step and process. lr, weight_decay: AdamW. warmup_steps: linear LR warm-up
-        (None: min(500, max_steps / 10)), then constant. max_steps, minutes: budgets (the whole run's,
+        (None: min(500, max_steps / 10)), then constant. lr_cooldown: the last fraction of the budget decays
+        the LR linearly to 0 (warmup-stable-decay; 0: no decay). max_steps, minutes: budgets (the whole run's,
         resumed sessions included; the first reached stops). finetune_fraction: the last fraction of the
         budget trains unmasked (MaskDiT; with ``minutes`` the switch goes by the clock and is recorded in
         the checkpoint). ema_decay: EMA decay (saved models are EMA weights).
@@ -104,6 +107,7 @@ class TrainSettings:
     lr: float = 2e-4
     weight_decay: float = 0.0
     warmup_steps: int | None = None
+    lr_cooldown: float = 0.0
     max_steps: int | None = None
     minutes: float | None = None
     finetune_fraction: float = 0.1
@@ -139,9 +143,20 @@ class TrainSettings:
         budget = self.step_budget
         return 500 if budget is None else min(500, budget // 10)
 
-    def lr_at(self, step: int) -> float:
-        """Learning rate of optimizer step ``step`` (0-based): a linear warm-up, then constant (as DiT)."""
-        return self.lr * min(1.0, (step + 1) / max(1, self.warmup))
+    def progress(self, step: int, elapsed_s: float) -> float:
+        """Fraction of the budget done after ``step`` steps and ``elapsed_s`` seconds: the larger of the step
+        and time fractions, as the first budget reached stops (0 with no budget)."""
+        done = [step / self.step_budget] if self.step_budget else []
+        if self.minutes:
+            done.append(elapsed_s / (self.minutes * 60))
+        return max(done, default=0.0)
+
+    def lr_at(self, step: int, progress: float = 0.0) -> float:
+        """Learning rate of optimizer step ``step`` (0-based) at budget fraction ``progress``: a linear warm-up,
+        constant (as DiT), then with ``lr_cooldown`` a linear decay to 0 over the budget's last fraction."""
+        warm = min(1.0, (step + 1) / max(1, self.warmup))
+        cool = min(1.0, max(0.0, 1.0 - progress) / self.lr_cooldown) if self.lr_cooldown > 0 else 1.0
+        return self.lr * warm * cool
 
     def check(self) -> None:
         """Raise InputError naming the first out-of-range setting."""
@@ -165,12 +180,15 @@ class TrainSettings:
         fractions = {
             "val_fraction": self.val_fraction,
             "finetune_fraction": self.finetune_fraction,
+            "lr_cooldown": self.lr_cooldown,
             "ema_decay": self.ema_decay,
             "mask_ratio": self.mask_ratio,
         }
         for name, value in fractions.items():
             if value is not None and not 0.0 <= value < 1.0:
                 raise _bad(name, value, "must be in [0, 1)")
+        if not 0.0 <= self.lr_cooldown <= 1.0:
+            raise _bad("lr_cooldown", self.lr_cooldown, "must be in [0, 1]")
         if self.val_sampler not in ("euler", "heun"):
             raise _bad("val_sampler", self.val_sampler, "must be euler or heun")
         for name in (

@@ -336,7 +336,7 @@ class Trainer:
                     state.finetune_from = state.step
                     objective = self._wrap(loss_module, finetune=True, previous=objective)
                     self.say(f"Step {state.step}: unmasked fine-tune from here on")
-                logs = self._step(objective, next(batches))
+                logs = self._step(objective, next(batches), s.progress(state.step, elapsed))
                 state.step += 1
                 meter.steps += 1
                 for key, value in logs.items():
@@ -375,12 +375,13 @@ class Trainer:
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(loss_module, device_ids=ids, find_unused_parameters=finetune)
 
-    def _step(self, objective: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """One optimizer step; returns detached per-step scalars (no device sync)."""
+    def _step(self, objective: nn.Module, batch: dict[str, Tensor], progress: float) -> dict[str, Tensor]:
+        """One optimizer step at budget fraction ``progress``; returns detached per-step scalars (no device
+        sync)."""
         s, step = self.settings, self.state.step
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         for group in self.optimizer.param_groups:
-            group["lr"] = s.lr_at(step)
+            group["lr"] = s.lr_at(step, progress)
         self.generator.manual_seed(_step_seed(s.seed, self.info.rank, step))
         finetune = self.state.finetune_from is not None and step >= self.state.finetune_from
         self.model.train()
@@ -430,7 +431,7 @@ class Trainer:
                 {
                     "step": self.state.step,
                     "elapsed_s": round(clock.elapsed(), 3),
-                    "lr": self.settings.lr_at(self.state.step - 1),
+                    "lr": self.optimizer.param_groups[0]["lr"],
                     "img_per_s": round(images_per_s, 3),
                     "phase": "finetune" if finetune else "masked",
                     **finite(record),
