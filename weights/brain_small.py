@@ -3,7 +3,7 @@ into ``weights/brain-small`` with a card that names the training data's licences
 
     python weights/brain_small.py train    # ~70 min on 2 CPU cores (--minutes 70), from the repository root
     python weights/brain_small.py extend   # resume it to step 5000 (~50 min here)
-    python weights/brain_small.py cooldown # resume it to step 7200, the LR decaying to 0 (~85 min here)
+    python weights/brain_small.py cooldown # resume it to step 8400, the LR decaying to 0 (~105 min here)
     python weights/brain_small.py ship [RUN]   # RUN/last (default runs/brain-small) -> weights/brain-small
 
 The validation subject, TCGA-DU-7294, is held out from training; it is also the example image in
@@ -32,11 +32,11 @@ TRAIN = [
 #: busy the machine is), continuing the unmasked fine-tune that began in the first stage's last 10 % of minutes.
 RESUME = ["phmdiff", "train", "--resume", "--out", str(RUN.relative_to(ROOT)), "--minutes", "1000"]
 #: ``cooldown``: the LR (constant until then) decays linearly to 0 from 70 % of the
-#: 7200-step budget (step 5040) to its end, warmup-stable-decay.
+#: 8400-step budget (step 5880) to its end, warmup-stable-decay.
 STAGES = {
     "train": TRAIN,
     "extend": [*RESUME, "--max-steps", "5000"],
-    "cooldown": [*RESUME, "--max-steps", "7200", "--lr-cooldown", "0.3"],
+    "cooldown": [*RESUME, "--max-steps", "8400", "--lr-cooldown", "0.3"],
 }
 #: The data's terms, from ../shared/data/README.md: weights inherit them.
 LICENCES = {
@@ -64,7 +64,7 @@ def ship(run: Path) -> Path:
 def main() -> None:
     action = sys.argv[1] if len(sys.argv) > 1 else ""
     if action in STAGES:
-        subprocess.run(STAGES[action], cwd=ROOT, check=True)
+        sys.exit(subprocess.run(STAGES[action], cwd=ROOT).returncode)  # phmdiff's own message, no traceback
     elif action == "ship":
         print(ship(Path(sys.argv[2]) if len(sys.argv) > 2 else RUN))
     else:
