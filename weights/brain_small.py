@@ -3,7 +3,6 @@ into ``weights/brain-small`` with a card that names the training data's licences
 
     python weights/brain_small.py train    # ~70 min on 2 CPU cores (--minutes 70), from the repository root
     python weights/brain_small.py extend   # resume it to step 5000 (~50 min here)
-    python weights/brain_small.py cooldown # resume it to step 8400, the LR decaying to 0 (~105 min here)
     python weights/brain_small.py ship [RUN]   # RUN/last (default runs/brain-small) -> weights/brain-small
 
 The validation subject, TCGA-DU-7294, is held out from training; it is also the example image in
@@ -28,15 +27,12 @@ TRAIN = [
     "--checkpoint-minutes", "10", "--precision", "bf16", "--config", "weights/brain_small.json",
     "--out", str(RUN.relative_to(ROOT)),
 ]
-#: The later stages resume the same run to a step count (which, unlike a time budget, does not depend on how
+#: ``extend`` resumes the same run to a step count (which, unlike a time budget, does not depend on how
 #: busy the machine is), continuing the unmasked fine-tune that began in the first stage's last 10 % of minutes.
 RESUME = ["phmdiff", "train", "--resume", "--out", str(RUN.relative_to(ROOT)), "--minutes", "1000"]
-#: ``cooldown``: the LR (constant until then) decays linearly to 0 from 70 % of the
-#: 8400-step budget (step 5880) to its end, warmup-stable-decay.
 STAGES = {
     "train": TRAIN,
     "extend": [*RESUME, "--max-steps", "5000"],
-    "cooldown": [*RESUME, "--max-steps", "8400", "--lr-cooldown", "0.3"],
 }
 #: The data's terms, from ../shared/data/README.md: weights inherit them.
 LICENCES = {
@@ -56,7 +52,7 @@ def ship(run: Path) -> Path:
     training = dict(card["training"])
     training["data"] = {**training["data"], "root": DATA}
     training["licences"] = LICENCES
-    training["recipe"] = "python weights/brain_small.py train, then extend, then cooldown"
+    training["recipe"] = "python weights/brain_small.py train, then extend"
     training["stored_dtype"] = "float16"
     return save_model(ROOT / "weights" / "brain-small", state, {**card, "training": training}, force=True)
 
