@@ -232,13 +232,17 @@ def test_sigkill_loses_at_most_one_checkpoint_interval(brats2: Path, cache: Path
 def test_two_cpu_processes_with_torchrun(brats2: Path, cache: Path, tmp_path: Path) -> None:
     run = tmp_path / "ddp"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    args = ["-q", "--max-steps", "4", "--val-every", "4", "--checkpoint-every", "2"]
+    # a linear LR decay over the whole budget: set from the ranks' agreed clock and step
+    cooldown = ["--minutes", "60", "--lr-cooldown", "1"]
+    args = ["-q", "--max-steps", "4", *cooldown, "--val-every", "4", "--checkpoint-every", "2"]
     command = torchrun + _command(brats2, cache, run, *args)[1:]  # torchrun -m phmdiff_cli train ...
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=ONE_THREAD)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stderr.count("Done: 4 steps") == 1  # only rank 0 reports
     assert len(list((run / "state").glob("ckpt-*"))) == 1
     assert [r["step"] for r in _log(run)] == [2, 4, 4]  # only rank 0 logs: two loss lines, one validation
+    lr2, lr4 = (r["lr"] for r in _log(run) if "lr" in r)  # steps 1 and 3 (0-based) at 1/4 and 3/4 of the budget
+    assert lr2 / lr4 == pytest.approx(3.0, rel=0.01)
     card = load_pretrained(run / "last").card
     assert card["training"]["processes"] == 2 and card["training"]["steps"] == 4
 

@@ -85,6 +85,7 @@ def test_lr_cooldown_decays_over_the_first_budget_to_run_out() -> None:
     saved = TrainSettings(data="d", pairs="t1n:t2w", max_steps=100).to_dict()
     saved.pop("lr_cooldown")  # a run from before the setting existed resumes, and may add a cooldown
     assert resumed_settings(saved, {"lr_cooldown": 0.3}, Path("run")).lr_cooldown == 0.3
+    TrainSettings(lr_cooldown=1.0).check()  # 1: a linear decay over the whole budget
     with pytest.raises(InputError, match="--lr-cooldown 1.5 must be in"):
         TrainSettings(lr_cooldown=1.5).check()
 

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from phmdiff_cli.engine.device import resolve_device
 from phmdiff_cli.errors import InputError
 
-__all__ = ["DistInfo", "init_distributed", "any_true", "mean", "barrier", "shutdown"]
+__all__ = ["DistInfo", "init_distributed", "all_max", "mean", "barrier", "shutdown"]
 
 #: Collectives wait this long for the slowest rank; rank 0 preprocesses the data while the others wait.
 _TIMEOUT = datetime.timedelta(hours=2)
@@ -83,14 +83,14 @@ def init_distributed(device_spec: str) -> tuple[DistInfo, torch.device]:
     return info, device
 
 
-def any_true(flags: list[bool], info: DistInfo, device: torch.device) -> list[bool]:
-    """Element-wise OR of ``flags`` over all processes, so every rank takes the same decision (stop, switch to
-    the fine-tune phase) at the same step; a no-op in a single process."""
+def all_max(values: list[float], info: DistInfo, device: torch.device) -> list[float]:
+    """Element-wise maximum of ``values`` over all processes, so every rank takes the same decision (stop,
+    switch to the fine-tune phase, learning rate) at the same step; a no-op in a single process."""
     if not info.enabled:
-        return flags
-    tensor = torch.tensor([float(f) for f in flags], device=device)
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in tensor.tolist()]
+    return tensor.tolist()
 
 
 def barrier(info: DistInfo) -> None:

@@ -180,7 +180,6 @@ class TrainSettings:
         fractions = {
             "val_fraction": self.val_fraction,
             "finetune_fraction": self.finetune_fraction,
-            "lr_cooldown": self.lr_cooldown,
             "ema_decay": self.ema_decay,
             "mask_ratio": self.mask_ratio,
         }

@@ -316,16 +316,10 @@ class Trainer:
         )
         with _stop_on_signals(stop), reporter:
             while budget is None or state.step < budget:
-                elapsed = clock.elapsed()
-                halt, time_up, finetune_time = distributed.any_true(
-                    [
-                        bool(stop),
-                        minutes is not None and elapsed >= minutes * 60,
-                        minutes is not None and elapsed >= (1 - s.finetune_fraction) * minutes * 60,
-                    ],
-                    self.info,
-                    self.device,
-                )
+                # the largest clock of all ranks: every rank stops, switches phase and sets the LR alike
+                elapsed, halt = distributed.all_max([clock.elapsed(), float(bool(stop))], self.info, self.device)
+                time_up = minutes is not None and elapsed >= minutes * 60
+                finetune_time = minutes is not None and elapsed >= (1 - s.finetune_fraction) * minutes * 60
                 if halt or time_up:
                     break
                 if (
