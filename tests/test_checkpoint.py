@@ -20,11 +20,14 @@ from model_store_helpers import CARD, TinyNet, write_model
 
 from phmdiff_cli.engine import checkpoint
 from phmdiff_cli.engine.checkpoint import (
+    INT8_SCALE,
     clean_state_dict,
     describe_model,
     load_model,
     load_training_state,
+    quantize_int8,
     read_card,
+    save_model,
     save_training_state,
 )
 from phmdiff_cli.errors import InputError
@@ -169,6 +172,25 @@ def test_describe_counts_parameters_from_the_header(tmp_path: Path) -> None:
     assert summary["params"] == sum(t.numel() for t in net.state_dict().values())
     assert summary["file_bytes"] == (tmp_path / "m" / "model.safetensors").stat().st_size
     assert summary["metrics"] == CARD["metrics"] and summary["grid"] == CARD["grid"]
+
+
+def test_int8_weights_load_back_within_half_a_step(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    state = {"conv": torch.randn(4, 3, 3, 3), "linear": torch.randn(6, 5) * torch.arange(1, 7)[:, None],
+             "bias": torch.randn(6), "tokens": TOKENS}
+    stored = quantize_int8(state)
+    assert stored["conv"].dtype == stored["linear"].dtype == torch.int8 and stored["bias"] is state["bias"]
+    assert stored["linear" + INT8_SCALE].shape == (6,)  # one scale per output row
+    save_model(tmp_path / "m", stored, CARD)
+    loaded, _ = load_model(tmp_path / "m")
+    assert set(loaded) == set(state) and loaded["conv"].dtype == torch.float32
+    for name in ("conv", "linear"):
+        rows = state[name].reshape(state[name].shape[0], -1)
+        step = rows.abs().amax(dim=1) / 127  # the row's quantisation step
+        error = (loaded[name] - state[name]).reshape(rows.shape).abs().amax(dim=1)
+        assert torch.all(error <= step / 2 + 1e-6) and torch.all(error > 0)
+    assert torch.equal(loaded["bias"], state["bias"]) and torch.equal(loaded["tokens"], TOKENS)
+    assert describe_model(tmp_path / "m")["params"] == sum(t.numel() for t in state.values())
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from phmdiff_cli.engine.checkpoint import load_model, save_model
+from phmdiff_cli.engine.checkpoint import INT8_SCALE, load_model, quantize_int8, save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "runs" / "brain-small"
@@ -44,16 +44,18 @@ LICENCES = {
 
 
 def ship(run: Path) -> Path:
-    """Copy the run's last (EMA) model here as float16 (half the size, loaded back as float32); the card's data
-    root becomes the relative path trained from. ``last/``, not ``best/``: best is picked on the validation
+    """Copy the run's last (EMA) model here, its matrices and kernels as int8 with a float32 scale per row and
+    the rest as float16 (a quarter of the size; loaded back as float32); the card's data root becomes the
+    relative path trained from. ``last/``, not ``best/``: best is picked on the validation
     subject, whose scores the card then reports, so choosing by them would flatter the model."""
     state, card = load_model(run / "last")
-    state = {name: t.half() if t.is_floating_point() else t for name, t in state.items()}
+    state = {name: t.half() if t.is_floating_point() and not name.endswith(INT8_SCALE) else t
+             for name, t in quantize_int8(state).items()}
     training = dict(card["training"])
     training["data"] = {**training["data"], "root": DATA}
     training["licences"] = LICENCES
     training["recipe"] = "python weights/brain_small.py train, then extend"
-    training["stored_dtype"] = "float16"
+    training["stored_dtype"] = "int8 per row (matrices, kernels), float16 (the rest)"
     return save_model(ROOT / "weights" / "brain-small", state, {**card, "training": training}, force=True)
 
 

@@ -40,7 +40,8 @@ from phmdiff_cli.io.atomic import atomic_path, share_permissions
 from phmdiff_cli.modalities import MODALITIES
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "WEIGHTS_FILE", "CARD_FILE", "CARD_KEYS", "TrainingState",
-           "clean_state_dict", "sha256_file", "model_files", "read_card", "save_model", "load_model",
+           "INT8_SCALE", "clean_state_dict", "quantize_int8", "dequantize", "sha256_file",
+           "model_files", "read_card", "save_model", "load_model",
            "describe_model", "save_training_state", "load_training_state"]
 
 FORMAT = "phmdiff-model"
@@ -49,6 +50,8 @@ FORMAT_VERSION = 1
 #: Keys every model card has, with their JSON types; "training", "metrics", "modalities" are optional.
 CARD_KEYS: dict[str, type] = {"format": str, "format_version": int, "model": dict, "pairs": list,
                               "grid": dict, "normalisation": dict, "sha256": str}
+#: Key suffix of the per-row float32 scales of a tensor stored as int8 (:func:`quantize_int8`).
+INT8_SCALE = ".int8_scale"
 _POINTER = "LATEST"
 _EMA_FILE = "ema.safetensors"
 _TRAINING_FILE = "training.pt"
@@ -81,6 +84,34 @@ def clean_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.
             t = t.clone()
         storages.add(storage)
         out[name] = t
+    return out
+
+
+def quantize_int8(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Matrices and convolution kernels (floating tensors of 2 or more dimensions) as symmetric int8 with one
+    float32 scale per output row (key + :data:`INT8_SCALE`, shape ``(rows,)``); other tensors unchanged.
+    Rounding error per weight: at most half a scale step, ``max|row| / 254``."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state_dict.items():
+        if not tensor.is_floating_point() or tensor.dim() < 2:
+            out[name] = tensor
+            continue
+        rows = tensor.detach().float().reshape(tensor.shape[0], -1)
+        scale = rows.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127.0
+        out[name] = torch.round(rows / scale[:, None]).to(torch.int8).reshape(tensor.shape)
+        out[name + INT8_SCALE] = scale
+    return out
+
+
+def dequantize(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`quantize_int8`: float32 tensors in place of int8 ones with their scales (a
+    state dict without scales is returned as it is)."""
+    out = {k: v for k, v in tensors.items() if not k.endswith(INT8_SCALE)}
+    for key, scale in tensors.items():
+        if key.endswith(INT8_SCALE):
+            name = key[: -len(INT8_SCALE)]
+            q = out[name]
+            out[name] = q.float() * scale.float().reshape(-1, *([1] * (q.dim() - 1)))
     return out
 
 
@@ -206,7 +237,8 @@ def load_model(path: str | Path, *,
     """Read a model folder (or its ``.safetensors`` file) after checking the card and the sha256.
 
     Returns:
-        ``(state_dict, card)``, tensors on ``device``.
+        ``(state_dict, card)``, tensors on ``device``; tensors stored as int8 (:func:`quantize_int8`) come
+        back as float32.
 
     Raises:
         InputError: a file is missing or corrupt, the card is invalid, or the weights do not match its sha256.
@@ -232,7 +264,7 @@ def describe_model(path: str | Path) -> dict[str, Any]:
     weights, _ = model_files(path)
     try:
         with safe_open(str(weights), framework="pt") as f:
-            params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+            params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if not k.endswith(INT8_SCALE))
     except (SafetensorError, OSError) as error:
         raise InputError(f"not a valid safetensors file: {error}", path=weights) from None
     return {"path": str(weights.parent), "pairs": card["pairs"], "modalities": card.get("modalities"),
@@ -242,9 +274,13 @@ def describe_model(path: str | Path) -> dict[str, Any]:
 
 def _load_tensors(path: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
     try:
-        return load_file(path, device=str(device))
+        tensors = load_file(path, device=str(device))
     except (SafetensorError, OSError) as error:
         raise InputError(f"not a valid safetensors file: {error}", path=path) from None
+    try:
+        return dequantize(tensors)
+    except (KeyError, RuntimeError) as error:
+        raise InputError(f"int8 scales without their weights or of the wrong size: {error}", path=path) from None
 
 
 #####################################################################################################
