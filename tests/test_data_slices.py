@@ -194,6 +194,32 @@ def test_augmentation_keeps_pairs_aligned(
     assert seen == {True, False}  # both flipped and unflipped drawn
 
 
+def test_pose_augmentation_moves_sources_and_target_together(dataset: SliceDataset) -> None:
+    """Rotation and zoom are one affine for every source channel and the target: given the real target slice
+    as its own source, both come out identical; the unused source slot stays zero and background stays -1."""
+    plain = dataset[(0, 80, 0)]  # item 0: t1n:t2w, one source in two slots
+    target = plain["target"].numpy()
+    source = np.zeros_like(plain["source"].numpy())
+    source[0] = target
+    pose = Augment(flip_lr=0.0, gamma=0.0, scale=0.0, rotate=20.0, zoom=0.2)
+    areas = []
+    for seed in range(6):
+        moved_source, moved_target = pose(source.copy(), target.copy(), 1, np.random.default_rng(seed))
+        assert moved_source.shape == source.shape and moved_target.shape == target.shape
+        assert np.allclose(moved_source[0], moved_target, atol=1e-6)
+        assert not moved_source[1].any()
+        assert not np.allclose(moved_target, target, atol=0.1)
+        assert moved_target.min() >= -1 - 1e-6 and moved_target.max() <= 1 + 1e-6
+        assert np.all(moved_target[:, :5, :5] == -1)  # a corner outside the head stays background
+        again = pose(source.copy(), target.copy(), 1, np.random.default_rng(seed))[1]
+        assert np.array_equal(again, moved_target)  # the seed fixes the pose
+        areas.append(float((moved_target > -0.9).sum()) / float((target > -0.9).sum()))
+    # rotation keeps the head's area; zoom scales it by at most 1.2 ** 2 either way
+    assert all(1 / 1.2**2 - 0.03 < a < 1.2**2 + 0.03 for a in areas) and np.ptp(areas) > 0.05
+    off = Augment(flip_lr=0.0, gamma=0.0, scale=0.0)
+    assert np.array_equal(off(source.copy(), target.copy(), 1, np.random.default_rng(0))[1], target)
+
+
 def test_missing_modalities(subjects: list[Subject], cache_dir: Path) -> None:
     with pytest.raises(InputError, match="no subject has all the images of pair t1n:ct"):
         SliceDataset(subjects, parse_pairs("t1n:ct"), GRID, cache_dir)

@@ -156,6 +156,29 @@ def test_last_card_has_the_final_validation(brats2: Path, cache: Path, tmp_path:
     assert card["metrics"]["val"]["mean"] == pytest.approx(final["val"]["mean"])
 
 
+@pytest.mark.slow
+def test_init_starts_from_a_model_and_keeps_its_config(
+    trained: Path, brats2: Path, cache: Path, tmp_path: Path
+) -> None:
+    """--init copies a model's weights (one step at a negligible LR leaves them there) and its config (a tiny
+    model, though --size defaults to small); model settings beside it and a missing model exit 2."""
+    run, initial = tmp_path / "run", load_pretrained(trained / "last")
+    base = [a for a in _base(brats2, cache, run) if a not in ("--size", "tiny")]
+    args = ["--init", str(trained / "last"), "--max-steps", "1", "--lr", "1e-12", "--val-fraction", "0"]
+    code, output = _train(*base, *args, "--rotate", "10", "--zoom", "0.1")
+    assert code == 0, output
+    tuned = load_pretrained(run / "last")
+    assert tuned.config == initial.config and tuned.config.size == "tiny"
+    assert tuned.card["training"]["settings"]["init"] == str(trained / "last")
+    for name, weight in initial.model.state_dict().items():
+        assert torch.allclose(tuned.model.state_dict()[name], weight, atol=1e-6), name
+    code, output = _train(*base, *args, "--size", "tiny", "--force")
+    assert code == 2 and "--size cannot be used with --init" in output
+    elsewhere = [str(tmp_path / "new") if a == str(run) else a for a in base]
+    code, output = _train(*elsewhere, "--init", tmp_path / "nothing", *args[2:])
+    assert code == 2 and "nothing" in output and not (tmp_path / "new").exists(), output
+
+
 ##################################################################################
 #                                Resume and signals                              #
 ##################################################################################

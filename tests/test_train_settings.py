@@ -50,6 +50,10 @@ def test_flags_override_the_config_file_which_overrides_defaults(tmp_path: Path)
         ('{"mask_ratio": 1.0}', "--mask-ratio 1.0 must be in [0, 1)"),
         ('{"lr": -1}', "--lr -1 must be a positive number"),
         ('{"val_sampler": "ddim"}', "--val-sampler 'ddim' must be euler or heun"),
+        ('{"rotate": 200}', "--rotate 200 must be in [0, 180] degrees"),
+        ('{"zoom": -0.1}', "--zoom -0.1 must be in [0, 1)"),
+        ('{"init": "brain-small", "levels": 2}', "--levels cannot be used with --init"),
+        ('{"init": "brain-small", "size": "tiny", "cgr_pixel": 0}', "--size, --cgr-pixel cannot be used"),
     ],
 )
 def test_bad_config_files(tmp_path: Path, content: str, message: str) -> None:

@@ -177,6 +177,19 @@ def train(
         "--augment/--no-augment",
         help="Left-right flips and source intensity jitter. (default: augment)",
     ),
+    rotate: float | None = typer.Option(
+        None, "--rotate", help=f"With --augment: random in-plane rotation up to this many degrees. {_default('rotate')}"
+    ),
+    zoom: float | None = typer.Option(
+        None, "--zoom", help=f"With --augment: random in-plane zoom up to this fraction, e.g. 0.1. {_default('zoom')}"
+    ),
+    init: str | None = typer.Option(
+        None,
+        "--init",
+        help="Start from this model's weights (shipped name, folder, run folder or hf://org/repo) instead of "
+        "random ones (fine-tuning); its config is kept, so --size, --levels, --spacing, --mask-ratio, "
+        "--cgr-*, --context and --source-norm are not allowed with it.",
+    ),
     seed: int | None = typer.Option(
         None, "--seed", help=f"Seed of the split, initial weights and data order. {_default('seed')}"
     ),
@@ -216,6 +229,9 @@ def train(
         skip_incomplete=skip_incomplete,
         resample=resample,
         augment=augment,
+        rotate=rotate,
+        zoom=zoom,
+        init=init,
         size=size,
         spacing=spacing,
         levels=levels,

@@ -51,6 +51,10 @@ RESUMABLE = frozenset(
     }
 )
 
+#: Settings that shape the network and its grid: with ``init`` they are the initial model's.
+_MODEL_KEYS = ("size", "spacing", "levels", "mask_ratio", "cgr_pixel", "cgr_structure", "cgr_feature", "context",
+               "source_norm", "model")
+
 
 @dataclass
 class TrainSettings:
@@ -61,13 +65,14 @@ class TrainSettings:
         cache_dir: preprocessing cache (default ``<out>/cache``). val_subjects: validation subject ids (else a
         seeded ``val_fraction`` of the subjects). skip_incomplete: train without subjects that serve no pair
         (else an error). resample: resample images on another grid onto the target's. augment: flips and
-        source intensity jitter.
+        source intensity jitter; with it, rotate (degrees) and zoom (fraction): random in-plane pose.
     Model:
-        size: ``tiny``, ``small``, ``base``, ``large``. spacing: model grid spacing, mm (None: the largest
-        in-plane field of view of the data over the image size). levels: pyramid levels. mask_ratio: fraction
-        of tokens masked at every level. cgr_pixel, cgr_structure, cgr_feature: CGR weights. context: 2.5D
-        neighbours on each side. source_norm: ``percentile`` or ``rank`` MRI sources (None: the size's).
-        model: further ``ModelConfig`` fields (e.g. ``{"depth": 4}``).
+        init: start from this model's weights (a ``--model`` spec); its config is kept, so the model settings
+        below must be left at their defaults. size: ``tiny``, ``small``, ``base``, ``large``. spacing: model
+        grid spacing, mm (None: the largest in-plane field of view of the data over the image size). levels:
+        pyramid levels. mask_ratio: fraction of tokens masked at every level. cgr_pixel, cgr_structure,
+        cgr_feature: CGR weights. context: 2.5D neighbours on each side. source_norm: ``percentile`` or
+        ``rank`` MRI sources (None: the size's). model: further ``ModelConfig`` fields (e.g. ``{"depth": 4}``).
     Optimisation:
         batch_size: slices per step and process. lr, weight_decay: AdamW. warmup_steps: linear LR warm-up
         (None: min(500, max_steps / 10)), then constant. lr_cooldown: the last fraction of the budget decays
@@ -93,6 +98,9 @@ class TrainSettings:
     skip_incomplete: bool = False
     resample: bool = False
     augment: bool = True
+    rotate: float = 0.0
+    zoom: float = 0.0
+    init: str | None = None
     size: str = "small"
     spacing: float | None = None
     levels: int | None = None
@@ -202,6 +210,17 @@ class TrainSettings:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise _bad(name, value, "must not be negative")
+        if not 0.0 <= self.rotate <= 180.0:
+            raise _bad("rotate", self.rotate, "must be in [0, 180] degrees")
+        if not 0.0 <= self.zoom < 1.0:
+            raise _bad("zoom", self.zoom, "must be in [0, 1)")
+        defaults = TrainSettings()
+        kept = [name for name in _MODEL_KEYS if getattr(self, name) != getattr(defaults, name)]
+        if self.init is not None and kept:
+            raise InputError(
+                f"{', '.join(_flag(k) for k in kept)} cannot be used with --init",
+                hint=f"the architecture and grid are those of {self.init}",
+            )
 
 
 def _flag(name: str) -> str:

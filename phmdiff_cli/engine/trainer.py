@@ -41,7 +41,7 @@ from phmdiff_cli.engine import distributed
 from phmdiff_cli.engine.checkpoint import load_training_state, save_model, save_training_state
 from phmdiff_cli.engine.device import autocast, compile_model, grad_scaler, resolve_precision
 from phmdiff_cli.engine.ema import EMA
-from phmdiff_cli.engine.pretrained import build_card
+from phmdiff_cli.engine.pretrained import Pretrained, build_card, load_pretrained
 from phmdiff_cli.engine.progress import Reporter
 from phmdiff_cli.engine.run_folder import RunFolder
 from phmdiff_cli.engine.settings import TrainSettings, auto_spacing, build_model_config
@@ -218,6 +218,12 @@ class Trainer:
         self.saved_step: int | None = None
 
     # ------------------------------------------------------------------ setup
+
+    def start_from(self, model: PHMDiff) -> None:
+        """Initial weights from a trained model of the same config (``--init``); the EMA starts from them."""
+        self.model.load_state_dict(model.state_dict())
+        if self.ema is not None:
+            self.ema = EMA(self.model, self.settings.ema_decay)
 
     def prepare_data(self) -> None:
         """Preprocess the data into the cache: rank 0 first, then the others read it."""
@@ -544,9 +550,22 @@ def _describe(trainer: Trainer) -> str:
     )
 
 
-def run_model_config(settings: TrainSettings, data: TrainData) -> ModelConfig:
-    """The model configuration of a new run, with the grid spacing fitted to the data unless given."""
-    config = build_model_config(settings, sources=max(len(p.sources) for p in data.pairs))
+def run_model_config(settings: TrainSettings, data: TrainData, initial: Pretrained | None = None) -> ModelConfig:
+    """The model configuration of a new run: the ``--init`` model's, else the settings' with the grid spacing
+    fitted to the data unless given.
+
+    Raises:
+        InputError: a pair has more sources than the initial model takes.
+    """
+    sources = max(len(p.sources) for p in data.pairs)
+    if initial is not None:
+        if sources > initial.config.max_sources:
+            raise InputError(
+                f"a pair has {sources} sources; the --init model takes at most {initial.config.max_sources}",
+                path=initial.path,
+            )
+        return initial.config
+    config = build_model_config(settings, sources=sources)
     if settings.spacing is None:
         modalities = {m for p in data.pairs for m in (*p.sources, p.target)}
         config = replace(config, spacing_mm=auto_spacing(data.summary, modalities, config.image_size))
@@ -591,6 +610,7 @@ def train(
     console = console or Console(stderr=True, highlight=False)
     info, device = distributed.init_distributed(settings.device)
     created: Path | None = None
+    initial: Pretrained | None = None
     try:
         if resume:
             run = RunFolder.open(out)
@@ -600,7 +620,8 @@ def train(
             # The warm-up is fixed now: the step budget it derives from may change on resume.
             settings = replace(settings, warmup_steps=settings.warmup)
             data = load_data(settings)
-            config = run_model_config(settings, data)
+            initial = load_pretrained(settings.init) if settings.init else None
+            config = run_model_config(settings, data, initial)
             run, existed = RunFolder(Path(out)), Path(out).exists()
             if info.is_main:
                 _new_run(settings, run.root, data, config, force)
@@ -609,6 +630,8 @@ def train(
         if info.is_main and not quiet:
             console.print(data.summary.table())
         trainer = Trainer(settings, config, data, run, info, device, console, quiet)
+        if not resume and initial is not None:
+            trainer.start_from(initial.model)
         trainer.prepare_data()
         if resume:
             trainer.restore()
