@@ -175,8 +175,11 @@ def phmdiff_method(name: str, model: Path, args: argparse.Namespace, budget_min:
     pairs = ",".join(str(p) for p in pre.pairs)
     if VAL_SUBJECT in training.get("subjects", {}).get("train", []):
         note = f"NOT comparable, trained on {VAL_SUBJECT}; {note}"
-    budget = budget_min if budget_min is not None else round(training["elapsed_s"] / 60, 1)
-    return Method(name, predict, pairs, budget, training["steps"], params_of(pre.model), evals, settings, note)
+    # a fine-tuned model's card also counts its initial model's training (total_*)
+    elapsed = training.get("total_elapsed_s", training["elapsed_s"])
+    budget = budget_min if budget_min is not None else round(elapsed / 60, 1)
+    steps = training.get("total_steps", training["steps"])
+    return Method(name, predict, pairs, budget, steps, params_of(pre.model), evals, settings, note)
 
 
 def train_phmdiff(name: str, args: argparse.Namespace) -> Method:
@@ -222,7 +225,7 @@ def build(name: str, slices: Slices, args: argparse.Namespace) -> Method:
     """Train (or load, or set up) the method ``name`` of :data:`ROLES`, or ``shipped``."""
     if name == "shipped":
         return phmdiff_method(f"shipped {args.shipped}", args.shipped, args, None,
-                              "its own budget (the card's training.elapsed_s)")
+                              "its own budget (the card's training.total_elapsed_s or elapsed_s)")
     if name in RUNS:
         return train_phmdiff(name, args)
     if name == "hist-matched-inverted":

@@ -21,7 +21,7 @@ CARD: dict[str, Any] = {
     "model": {"kind": "tiny", "vocab": 10, "dim": 16},
     "pairs": [["t1n", "t2w"], ["t1n", "t2f"]],
     "modalities": ["t1n", "t2w", "t2f"],
-    "grid": {"size": [64, 64], "spacing": [3.75, 3.75]},
+    "grid": {"size": 64, "spacing_mm": 3.75},  # as ModelGrid.to_dict writes it
     "normalisation": {"mri": {"percentile": 99.5, "range": [-1, 1]}},
     "training": {"data": [{"name": "BraTS 2023 (4 subjects)", "licence": "BraTS challenge terms"}],
                  "steps": 12},

@@ -54,7 +54,7 @@ def test_list_shows_each_model(weights: Path) -> None:
     table = runner.invoke(app, ["models", "list"])
     assert table.exit_code == 0
     row = next(line for line in table.stdout.splitlines() if line.strip().startswith("brain-tiny"))
-    for cell in ("t1n->t2w, t1n->t2f", "64x64 @ 3.75x3.75 mm", good["sha256"][:12], "val/t1n->t2w/psnr=21.5"):
+    for cell in ("t1n->t2w, t1n->t2f", "64x64 @ 3.75 mm", good["sha256"][:12], "val/t1n->t2w/psnr=21.5"):
         assert cell in row
 
 

@@ -20,7 +20,7 @@ from phmdiff_cli.io import read_volume
 
 SHIPPED = SHIPPED_WEIGHTS / DEFAULT_MODEL
 VAL = "TCGA-DU-7294"
-PAIRS = [["t1n", "t2w"], ["t1n", "t2f"], ["t2w", "t2f"]]
+PAIRS = [["t1n", "t2w"], ["t1n", "t2f"], ["t2w", "t2f"], ["t1c", "t2w"], ["t1c", "t2f"], ["t2f", "t2w"]]
 #: The slices scored: 12 axial slices through the middle of the brain (all of them hold tumour-free cortex,
 #: ventricles and white matter), enough for a stable mean and ~1 min of sampling at the default steps.
 BLOCK = (70, 82)
@@ -44,6 +44,10 @@ def test_models_list_shows_the_shipped_model() -> None:
     assert result.exit_code == 0, result.output
     rows = {row["name"]: row for row in json.loads(result.stdout)}
     assert rows[DEFAULT_MODEL]["pairs"] == PAIRS
+    table = CliRunner().invoke(app, ["models", "list"], env={"COLUMNS": "200"})
+    assert table.exit_code == 0, table.output
+    row = next(line for line in table.stdout.splitlines() if line.strip().startswith(DEFAULT_MODEL))
+    assert "240x240 @ 1 mm" in row and "t1n->t2w" in row
 
 
 @pytest.mark.slow

@@ -161,7 +161,8 @@ def test_init_starts_from_a_model_and_keeps_its_config(
     trained: Path, brats2: Path, cache: Path, tmp_path: Path
 ) -> None:
     """--init copies a model's weights (one step at a negligible LR leaves them there) and its config (a tiny
-    model, though --size defaults to small); model settings beside it and a missing model exit 2."""
+    model, though --size defaults to small), and the card counts the initial model's training; model settings
+    beside it and a missing model exit 2."""
     run, initial = tmp_path / "run", load_pretrained(trained / "last")
     base = [a for a in _base(brats2, cache, run) if a not in ("--size", "tiny")]
     args = ["--init", str(trained / "last"), "--max-steps", "1", "--lr", "1e-12", "--val-fraction", "0"]
@@ -169,7 +170,11 @@ def test_init_starts_from_a_model_and_keeps_its_config(
     assert code == 0, output
     tuned = load_pretrained(run / "last")
     assert tuned.config == initial.config and tuned.config.size == "tiny"
-    assert tuned.card["training"]["settings"]["init"] == str(trained / "last")
+    training = tuned.card["training"]
+    assert training["settings"]["init"] == str(trained / "last")
+    lineage = {"model": str(trained / "last"), "sha256": initial.card["sha256"], "steps": 12}
+    assert {k: training["init"][k] for k in lineage} == lineage
+    assert training["total_steps"] == 13 and training["total_elapsed_s"] > initial.card["training"]["elapsed_s"]
     for name, weight in initial.model.state_dict().items():
         assert torch.allclose(tuned.model.state_dict()[name], weight, atol=1e-6), name
     code, output = _train(*base, *args, "--size", "tiny", "--force")

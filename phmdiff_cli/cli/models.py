@@ -32,10 +32,11 @@ def _pairs(pairs: list[Any]) -> str:
 
 
 def _grid(grid: dict[str, Any]) -> str:
-    """``{"size": [256, 256], "spacing": [1, 1]}`` -> ``256x256 @ 1x1 mm``; other keys as ``key=value``."""
-    if "size" in grid:
-        text = "x".join(map(str, grid["size"]))
-        return f"{text} @ {'x'.join(f'{s:g}' for s in grid['spacing'])} mm" if "spacing" in grid else text
+    """A card's grid, ``{"size": 240, "spacing_mm": 1.0}`` (``ModelGrid.to_dict``) -> ``240x240 @ 1 mm``; another
+    form as ``key=value`` pairs."""
+    size, spacing = grid.get("size"), grid.get("spacing_mm")
+    if isinstance(size, int) and isinstance(spacing, (int, float)):
+        return f"{size}x{size} @ {spacing:g} mm"
     return " ".join(f"{k}={v}" for k, v in grid.items())
 
 

@@ -101,7 +101,7 @@ class RunFolder:
         return run
 
     def read_config(self) -> dict[str, Any]:
-        """The saved ``{"settings": ..., "model": ...}``."""
+        """The saved ``{"settings": ..., "model": ...}`` (and ``"init"``: what an ``--init`` run started from)."""
         try:
             data = json.loads(self.config.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:

@@ -216,12 +216,14 @@ class Trainer:
         self.commit = _git_commit() if info.is_main else None
         #: the step of the newest checkpoint (None: none yet).
         self.saved_step: int | None = None
+        #: what an ``--init`` run started from (:func:`init_lineage`), for the model card.
+        self.lineage: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ setup
 
-    def start_from(self, model: PHMDiff) -> None:
+    def start_from(self, initial: Pretrained) -> None:
         """Initial weights from a trained model of the same config (``--init``); the EMA starts from them."""
-        self.model.load_state_dict(model.state_dict())
+        self.model.load_state_dict(initial.model.state_dict())
         if self.ema is not None:
             self.ema = EMA(self.model, self.settings.ema_decay)
 
@@ -499,6 +501,10 @@ class Trainer:
             "git_commit": self.commit,
             "command": " ".join(sys.argv),
         }
+        if self.lineage is not None:  # a fine-tuned model: its whole training, the initial model's included
+            training["init"] = self.lineage
+            training["total_steps"] = state.step + self.lineage["steps"]
+            training["total_elapsed_s"] = round(state.elapsed_s + self.lineage["elapsed_s"], 1)
         metrics = (
             {}
             if state.val is None
@@ -572,12 +578,31 @@ def run_model_config(settings: TrainSettings, data: TrainData, initial: Pretrain
     return config
 
 
+def init_lineage(initial: Pretrained) -> dict[str, Any]:
+    """What a fine-tuned model started from: the initial model's path, sha256 and whole training (steps and
+    seconds, its own initial model's included)."""
+    training = initial.card.get("training", {})
+    return {
+        "model": str(initial.path),
+        "sha256": initial.card.get("sha256"),
+        "steps": int(training.get("total_steps", training.get("steps", 0))),
+        "elapsed_s": float(training.get("total_elapsed_s", training.get("elapsed_s", 0.0))),
+    }
+
+
 def _new_run(
-    settings: TrainSettings, out: Path, data: TrainData, config: ModelConfig, force: bool
+    settings: TrainSettings,
+    out: Path,
+    data: TrainData,
+    config: ModelConfig,
+    force: bool,
+    lineage: dict[str, Any] | None,
 ) -> RunFolder:
-    """Rank 0: create the run folder; save the resolved settings, model config, split and data summary."""
+    """Rank 0: create the run folder; save the resolved settings, model config (and ``--init`` lineage), split
+    and data summary."""
     run = RunFolder.create(out, force=force)
-    run.write_json(run.config, {"settings": settings.to_dict(), "model": config.to_dict()})
+    saved = {"settings": settings.to_dict(), "model": config.to_dict()}
+    run.write_json(run.config, {**saved, "init": lineage} if lineage else saved)
     run.write_json(run.split, {"train": data.train_ids, "val": data.val_ids, "rule": data.split_rule})
     run.write_json(run.data, data.summary.to_dict())
     return run
@@ -615,23 +640,26 @@ def train(
         if resume:
             run = RunFolder.open(out)
             data = load_data(settings, split=json.loads(run.split.read_text(encoding="utf-8")))
-            config = ModelConfig.from_dict(run.read_config()["model"])
+            saved = run.read_config()
+            config, lineage = ModelConfig.from_dict(saved["model"]), saved.get("init")
         else:
             # The warm-up is fixed now: the step budget it derives from may change on resume.
             settings = replace(settings, warmup_steps=settings.warmup)
             data = load_data(settings)
             initial = load_pretrained(settings.init) if settings.init else None
+            lineage = init_lineage(initial) if initial else None
             config = run_model_config(settings, data, initial)
             run, existed = RunFolder(Path(out)), Path(out).exists()
             if info.is_main:
-                _new_run(settings, run.root, data, config, force)
+                _new_run(settings, run.root, data, config, force, lineage)
                 created = None if existed else run.root
             distributed.barrier(info)  # the run folder exists before any process writes its cache there
         if info.is_main and not quiet:
             console.print(data.summary.table())
         trainer = Trainer(settings, config, data, run, info, device, console, quiet)
+        trainer.lineage = lineage
         if not resume and initial is not None:
-            trainer.start_from(initial.model)
+            trainer.start_from(initial)
         trainer.prepare_data()
         if resume:
             trainer.restore()
