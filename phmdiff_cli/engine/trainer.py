@@ -362,6 +362,9 @@ class Trainer:
             self._validate(clock)
         if final_val or self.saved_step != state.step:  # last/'s card then has the final step's metrics
             self._checkpoint(clock)
+        # The other ranks wait for rank 0's last validation and checkpoint: a rank that leaves the process
+        # group while rank 0 still works has been seen to abort in gloo's teardown.
+        distributed.barrier(self.info)
         return TrainResult(self.run.root, state, signum, self.info.is_main)
 
     def _wrap(
