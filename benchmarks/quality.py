@@ -161,17 +161,17 @@ def phmdiff_method(name: str, model: Path, args: argparse.Namespace, budget_min:
     pre = load_pretrained(model)
     pre.pair_for(("t1n",), "t2w")  # refuses a model not trained for the evaluated pair
     cfg, training = pre.config, pre.card["training"]
-    steps = [args.steps] * cfg.levels if args.steps else list(cfg.sampling.steps)
-    evals = sum(n if cfg.sampling.sampler == "euler" else 2 * n - 1 for n in steps)
+    schedule = [args.steps] * cfg.levels if args.steps else list(cfg.sampling.steps)
+    evals = sum(n if cfg.sampling.sampler == "euler" else 2 * n - 1 for n in schedule)
 
     def predict(batch: Batch) -> torch.Tensor:
-        return sample(pre.model, batch["source"], batch["src_mod"], batch["tgt_mod"], steps=steps,
+        return sample(pre.model, batch["source"], batch["src_mod"], batch["tgt_mod"], steps=schedule,
                       noise_seed=args.seed)[0]
 
     settings = {"batch": training.get("batch_size"), "lr": training.get("settings", {}).get("lr"),
                 "levels": cfg.levels, "patch_sizes": cfg.patch_sizes, "mask_ratios": cfg.mask_ratios,
                 "cgr": [cfg.diffusion.cgr_pixel, cfg.diffusion.cgr_structure, cfg.diffusion.cgr_feature],
-                "sampler": f"{cfg.sampling.sampler} {steps}", "train_s": training.get("elapsed_s")}
+                "sampler": f"{cfg.sampling.sampler} {schedule}", "train_s": training.get("elapsed_s")}
     pairs = ",".join(str(p) for p in pre.pairs)
     if VAL_SUBJECT in training.get("subjects", {}).get("train", []):
         note = f"NOT comparable, trained on {VAL_SUBJECT}; {note}"
