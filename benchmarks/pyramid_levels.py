@@ -7,7 +7,9 @@ starts from, and at the finer levels nearly all it does) with three coarse condi
 - ``real coarse``: the real target of level l - 1, upsampled: what training conditions on (teacher forcing);
 - ``chained``: the model's own level l - 1 prediction (plus ``--coarse-noise`` Gaussian noise at its
   resolution), upsampled: what sampling conditions on;
-- ``copy``: no model, the real coarse target upsampled: what a level that only copies its condition scores.
+- ``copy``: no model, the real coarse target upsampled: what a level that only copies its condition scores;
+- ``chained copy``: no model at this level, the model's own level l - 1 prediction upsampled: what sampling
+  would give without the level (the chained score minus this one is what the level adds when sampling).
 
 Scores per level, inside the real target's foreground (model range > -0.99): Pearson correlation and RMSE (model
 range, [-1, 1]) with the real target of that level. A finer level that adds information from the sources keeps
@@ -68,9 +70,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         else:
             real_coarse = upsample(reals[level - 1], side)
             noise = args.coarse_noise * torch.randn(chained.shape, generator=generator)
-            chained = predict(upsample(chained + noise, side))
+            own_coarse = upsample(chained + noise, side)
+            chained = predict(own_coarse)
             row.update(real_coarse=agreement(predict(real_coarse), reals[level]),
-                       chained=agreement(chained, reals[level]), copy=agreement(real_coarse, reals[level]))
+                       chained=agreement(chained, reals[level]), copy=agreement(real_coarse, reals[level]),
+                       chained_copy=agreement(own_coarse, reals[level]))
         rows.append(row)
         print(_line(row), flush=True)
     return {"machine": machine(), "model": str(pretrained.path), "sha256": pretrained.card.get("sha256"),
@@ -80,7 +84,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _line(row: dict[str, Any]) -> str:
     cells = [f"{row[k]['corr']:.3f} / {row[k]['rmse']:.3f}" if k in row else "-"
-             for k in ("real_coarse", "chained", "copy")]
+             for k in ("real_coarse", "chained", "copy", "chained_copy")]
     return f"| {row['level']} | {row['side_px']} | " + " | ".join(cells) + " |"
 
 
@@ -91,8 +95,8 @@ def main() -> None:
     parser.add_argument("--coarse-noise", type=float, default=0.0,
                         help="std of the noise added to the chained coarse prediction (default 0)")
     parser.add_argument("--seed", type=int, default=0)
-    run_and_report(parser, ["level", "px", "real coarse: corr / RMSE", "chained: corr / RMSE", "copy: corr / RMSE"],
-                   run)
+    run_and_report(parser, ["level", "px", "real coarse: corr / RMSE", "chained: corr / RMSE", "copy: corr / RMSE",
+                            "chained copy: corr / RMSE"], run)
 
 
 if __name__ == "__main__":
