@@ -2,7 +2,7 @@
 
 On the model's held-out validation slices (as ``sampling_steps.py`` picks them), every level l makes one
 denoiser evaluation at ``sigma_max`` (pure noise in: the conditional mean that the few-step default sampler
-starts from, and at the finer levels nearly all it does) with three coarse conditions:
+starts from, and at the finer levels nearly all it does) with two coarse conditions, beside two no-model references:
 
 - ``real coarse``: the real target of level l - 1, upsampled: what training conditions on (teacher forcing);
 - ``chained``: the model's own level l - 1 prediction (plus ``--coarse-noise`` Gaussian noise at its
