@@ -1,16 +1,18 @@
 """The baselines of ``quality.py``: MONAI DDPM/DDIM UNet, one-step regression UNet, histogram-matched inverted
 source, and the wall-clock-budget training loop the two UNets share.
 
-Every method is a :data:`Predict`: a batch of :class:`~phmdiff_cli.data.slices.SliceDataset` samples in (the
+The UNets are :data:`Predict`: a batch of :class:`~phmdiff_cli.data.slices.SliceDataset` samples in (the
 keys ``source`` ``(B, S, 2k+1, H, W)``, ``src_mod``, ``tgt_mod``, ``target``), the synthesized target slices
-``(B, 1, H, W)`` in the model range [-1, 1] out. The baselines read source slot 0 only: the 2.5D stack of the
-pair's one source.
+``(B, 1, H, W)`` in the model range [-1, 1] out. They read source slot 0 only (the 2.5D stack of a one-source
+pair) and are told which of their pairs a sample is by the group of input channels its source fills, so one
+network serves them all.
+The histogram baseline works on whole volumes.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,12 +22,12 @@ from monai.networks.nets import BasicUNet, DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from torch import Tensor, nn
 
-from phmdiff_cli.data.normalize import from_model_range
-from phmdiff_cli.data.slices import SliceDataset
+from phmdiff_cli.data.slices import Pair, SliceDataset
 from phmdiff_cli.engine.device import autocast
 from phmdiff_cli.engine.ema import EMA
 from phmdiff_cli.engine.settings import TrainSettings
 from phmdiff_cli.metrics.evaluate import auto_mask
+from phmdiff_cli.modalities import modality_id
 
 Batch = dict[str, Tensor]
 Predict = Callable[[Batch], Tensor]
@@ -33,9 +35,15 @@ Predict = Callable[[Batch], Tensor]
 DDPM_STEPS = 1000
 
 
-def stack(batch: Batch) -> Tensor:
-    """The 2.5D source of slot 0: ``(B, 2k+1, H, W)``."""
-    return batch["source"][:, 0]
+def stack(batch: Batch, pairs: Sequence[Pair]) -> Tensor:
+    """The 2.5D source of slot 0 in its pair's group of channels, the other pairs' groups zero:
+    ``(B, len(pairs) * (2k+1), H, W)``. (Constant one-hot planes would tell a network the pair only at the image
+    border: the normalisation after its first convolution subtracts their constant response.)"""
+    source = batch["source"][:, 0]
+    ids = torch.tensor([[modality_id(p.sources[0]), modality_id(p.target)] for p in pairs])
+    which = torch.stack([batch["src_mod"][:, 0], batch["tgt_mod"]], dim=1)  # (B, 2)
+    onehot = (which[:, None, :] == ids[None]).all(dim=2).to(source.dtype)  # (B, len(pairs))
+    return (onehot[:, :, None, None, None] * source[:, None]).flatten(1, 2)
 
 
 @dataclass
@@ -73,31 +81,33 @@ def train_for(model: nn.Module, loss_fn: Callable[[Batch], Tensor], batches: Ite
 # ----------------------------------------------------------------------------- one-step regression UNet
 
 
-def regression_unet(context: int) -> nn.Module:
-    """MONAI BasicUNet, ``context`` source channels in, one target channel out (about 1.9 M parameters)."""
-    return BasicUNet(spatial_dims=2, in_channels=context, out_channels=1, features=(16, 32, 64, 128, 256, 16))
+def regression_unet(context: int, pairs: Sequence[Pair]) -> nn.Module:
+    """MONAI BasicUNet, ``context`` source channels per pair in (:func:`stack`), one target channel out (about
+    1.9 M parameters)."""
+    return BasicUNet(spatial_dims=2, in_channels=context * len(pairs), out_channels=1,
+                     features=(16, 32, 64, 128, 256, 16))
 
 
-def l1_loss(model: nn.Module) -> Callable[[Batch], Tensor]:
-    return lambda batch: F.l1_loss(model(stack(batch)), batch["target"])
+def l1_loss(model: nn.Module, pairs: Sequence[Pair]) -> Callable[[Batch], Tensor]:
+    return lambda batch: F.l1_loss(model(stack(batch, pairs)), batch["target"])
 
 
-def regression_predict(model: nn.Module) -> Predict:
-    return lambda batch: model(stack(batch)).clamp(-1.0, 1.0)
+def regression_predict(model: nn.Module, pairs: Sequence[Pair]) -> Predict:
+    return lambda batch: model(stack(batch, pairs)).clamp(-1.0, 1.0)
 
 
 # ----------------------------------------------------------------------------- conditional DDPM, DDIM sampling
 
 
-def ddpm_unet(context: int) -> nn.Module:
+def ddpm_unet(context: int, pairs: Sequence[Pair]) -> nn.Module:
     """MONAI DiffusionModelUNet on the noisy target concatenated with ``context`` source channels. No
     attention: at the lowest level (60 x 60 px) it would cost more per step than the convolutions, leaving
     fewer steps in the budget."""
-    return DiffusionModelUNet(spatial_dims=2, in_channels=1 + context, out_channels=1, channels=(32, 64, 64),
-                              attention_levels=(False, False, False), num_res_blocks=1)
+    return DiffusionModelUNet(spatial_dims=2, in_channels=1 + context * len(pairs), out_channels=1,
+                              channels=(32, 64, 64), attention_levels=(False, False, False), num_res_blocks=1)
 
 
-def ddpm_loss(model: nn.Module) -> Callable[[Batch], Tensor]:
+def ddpm_loss(model: nn.Module, pairs: Sequence[Pair]) -> Callable[[Batch], Tensor]:
     """Epsilon-prediction MSE at a uniformly drawn DDPM timestep."""
     scheduler = DDPMScheduler(num_train_timesteps=DDPM_STEPS)
 
@@ -105,69 +115,53 @@ def ddpm_loss(model: nn.Module) -> Callable[[Batch], Tensor]:
         target = batch["target"]
         noise = torch.randn_like(target)
         t = torch.randint(0, DDPM_STEPS, (len(target),))
-        x = torch.cat([scheduler.add_noise(target, noise, t), stack(batch)], dim=1)
+        x = torch.cat([scheduler.add_noise(target, noise, t), stack(batch, pairs)], dim=1)
         return F.mse_loss(model(x, timesteps=t), noise)
 
     return loss
 
 
-def ddim_predict(model: nn.Module, steps: int, seed: int, dtype: torch.dtype | None) -> Predict:
+def ddim_predict(model: nn.Module, pairs: Sequence[Pair], steps: int, seed: int) -> Predict:
     """Deterministic DDIM (eta 0, x0 clipped to [-1, 1]) in ``steps`` network evaluations, from noise seeded
-    by ``seed`` at every batch. The network runs under autocast to ``dtype`` (None: fp32), the precision it
-    was trained in; the DDIM state stays fp32. Why not fp32: on the 2-core CPU of benchmarks/README.md one
-    fp32 forward of 8 slices takes ~40 s (~15 s in bf16), so 20 fp32 steps over 32 slices take ~50 min."""
+    by ``seed`` at every batch; the DDIM state stays fp32 under the caller's autocast."""
     scheduler = DDIMScheduler(num_train_timesteps=DDPM_STEPS)
     scheduler.set_timesteps(steps)
 
     def predict(batch: Batch) -> Tensor:
-        cond = stack(batch)
+        cond = stack(batch, pairs)
         x = torch.randn(len(cond), 1, *cond.shape[-2:], generator=torch.Generator().manual_seed(seed))
         for t in scheduler.timesteps:
-            with autocast(torch.device("cpu"), dtype):
-                eps = model(torch.cat([x, cond], dim=1), timesteps=torch.full((len(x),), int(t)))
+            eps = model(torch.cat([x, cond], dim=1), timesteps=torch.full((len(x),), int(t)))
             x, _ = scheduler.step(eps.float(), int(t), x)
         return x.clamp(-1.0, 1.0)
 
     return predict
 
 
-# ----------------------------------------------------------------------------- histogram-matched inverted source
+# ----------------------------------------------------------------------------- histogram-matched source
+
+#: T1-weighted sources are inverted before matching a T2 target (CSF dark -> bright); FLAIR keeps CSF dark.
+INVERTED = {("t1n", "t2w"), ("t1c", "t2w")}
 
 
-def pooled_foreground(dataset: SliceDataset, modality: str, every: int = 7) -> np.ndarray:
-    """Sorted model-range values of ``modality`` inside its evaluation mask (:func:`auto_mask` of the volume
-    in file units), pooled over all subjects of ``dataset`` (every ``every``-th voxel: plenty for quantiles)."""
-    values = []
-    for index, subject in enumerate(dataset.subjects):
-        if modality in subject.params:
-            volume = np.asarray(dataset.array(index, modality), dtype=np.float32)  # (z, H, W)
-            mask = auto_mask(from_model_range(volume, subject.params[modality]), modality)
-            values.append(volume[mask][::every])
-    return np.sort(np.concatenate(values))
+def _foreground(volume: np.ndarray, modality: str) -> np.ndarray:
+    """The evaluation mask (:func:`auto_mask`) of a model-range volume ``(z, H, W)`` on the [0, 1] scale."""
+    return auto_mask((volume + 1.0) * 0.5, modality)
 
 
-def hist_matched_inverted(reference: np.ndarray, modality: str) -> Predict:
-    """The source's centre slice, inverted inside its foreground and mapped by quantiles onto ``reference``
-    (sorted target values of other subjects, :func:`pooled_foreground`); the background stays at -1.
-
-    The foreground is :func:`auto_mask` of the slice on the [0, 1] scale (its threshold is relative, so the
-    scale does not matter); ``modality`` is the source's."""
-
-    def match(image: np.ndarray) -> np.ndarray:
-        """``(H, W)`` model-range source slice -> ``(H, W)`` model-range prediction."""
-        out = np.full_like(image, -1.0)
-        mask = auto_mask(((image + 1.0) * 0.5)[None], modality)[0]
-        n = int(mask.sum())
-        if n:
-            order = np.argsort(-image[mask], kind="stable")  # brightest source voxel -> darkest quantile
-            quantile = np.empty(n)
-            quantile[order] = (np.arange(n) + 0.5) / n
-            out[mask] = reference[(quantile * reference.size).astype(int)]
-        return out
-
-    def predict(batch: Batch) -> Tensor:
-        source = stack(batch)
-        centre = source[:, source.shape[1] // 2].numpy()
-        return torch.from_numpy(np.stack([match(image) for image in centre]))[:, None]
-
-    return predict
+def hist_matched(dataset: SliceDataset, item: int) -> np.ndarray:
+    """The item's source volume inside its foreground, inverted for T1 -> T2 (:data:`INVERTED`), mapped by
+    quantiles onto the foreground values of the same subject's *real* target (an oracle histogram);
+    background -1. Returns float32 ``(z, H, W)`` in the model range."""
+    subject, pair = dataset.items[item]
+    source = np.asarray(dataset.array(subject, pair.sources[0]), dtype=np.float32)
+    real = np.asarray(dataset.array(subject, pair.target), dtype=np.float32)
+    reference = np.sort(real[_foreground(real, pair.target)])
+    out = np.full_like(source, -1.0)
+    mask = _foreground(source, pair.sources[0])
+    values = -source[mask] if (pair.sources[0], pair.target) in INVERTED else source[mask]
+    order = np.argsort(values, kind="stable")
+    quantile = np.empty(order.size)
+    quantile[order] = (np.arange(order.size) + 0.5) / order.size
+    out[mask] = reference[(quantile * reference.size).astype(int)]
+    return out

@@ -1,46 +1,52 @@
-"""Quality at an equal CPU training budget (issue 8): PHMDiff, its ablations and baselines, t1n -> t2w.
+"""Quality at an equal CPU training budget: PHMDiff, its ablations and baselines, per validation subject.
 
-Data: ``../shared/data/brats`` (4 subjects), validation subject TCGA-DU-7294, the other three train. Every
-method trains for the same wall-clock minutes B on this CPU (torch's default threads, ``phmdiff train``'s
-``--precision auto`` for all) from the same
-preprocessed, augmented 2.5D slices (``phmdiff train``'s cache and :class:`SliceDataset`), and is scored on
-the same fixed validation slices (:func:`~phmdiff_cli.engine.validation.fixed_subset`) exactly as training
-validation scores them: PSNR (dB) and 2-D SSIM inside the reference's automatic foreground mask, on the
-target's ``phmdiff eval`` scale (each volume / its foreground 99.5th percentile).
+The protocol (``weights/brain_data.json``): train on ``../shared/data``'s brats/, ms_mni/ and
+brats2013_t1c_flair/ (three sources, three grids; subjects lacking a modality serve the pairs they have),
+validate on four subjects from three sources (TCGA-DU-7294, OMS-MNI-p19, BraTS2013-pat0001 and -pat0002),
+never trained on. Every trained method gets the same wall-clock minutes B on this CPU (``--precision auto``)
+from the same preprocessed, augmented 2.5D slices (``phmdiff train``'s cache and :class:`SliceDataset`).
+
+Each method synthesizes the *whole* volume of every validation subject for each evaluated pair it can
+(t1n -> t2w on the subjects with a T1 and T2, t1c -> t2f on all four) on the model grid, scored with
+``phmdiff eval``'s defaults: each volume / its foreground 99.5th percentile, the reference's automatic
+foreground mask, PSNR (dB), 3-D SSIM (7-voxel window) and sharpness (mean in-plane Sobel gradient magnitude,
+prediction over reference, 1 = as sharp). The table gives every subject and the mean over subjects.
 
 Methods (``--only`` picks some):
 
-- ``phmdiff``: PHMDiff ``small`` trained by ``phmdiff train`` on t1n:t2w, t1n:t2f, t2w:t2f (one
-  cross-conditioned model, as the shipped one), budget B; ablations, each with one part removed:
-  ``no-pyramid`` (one 240 px level, 16 px patches), ``no-masking`` (mask ratio 0), ``no-cgr`` (the three CGR
-  weights 0), ``one-model-per-pair`` (t1n:t2w alone for B/3: three such models would share B; only this one
-  is trained), ``no-rank`` (percentile-scaled sources instead of their ranks), ``no-sigma-max`` (log-normal
-  training noise only: no share of samples at the sampler's sigma_max), ``no-unet-head`` (the three-convolution
-  refinement head, 32 channels, instead of the UNet head), ``coarse-noise-0.1`` (the finer levels trained on
-  coarse conditions noised by at most 0.1 instead of 0.5).
-- baselines: ``plain-dit`` (the same Transformer without masking and pyramid, the 3 pairs, B), ``monai-ddim``
-  (MONAI DiffusionModelUNet, DDPM training, DDIM sampling), ``regression-unet`` (MONAI BasicUNet, L1, one
-  forward pass), both on t1n:t2w for B, and ``hist-matched-inverted`` (no training).
+- ``phmdiff``: PHMDiff ``small`` trained by ``phmdiff train`` on the protocol's pairs, budget B; ablations,
+  each with one part removed: ``no-pyramid`` (one 240 px level, 16 px patches), ``no-masking`` (mask ratio
+  0), ``no-cgr`` (the three CGR weights 0), ``no-rank`` (percentile-scaled sources instead of their ranks),
+  ``no-sigma-max`` (log-normal training noise only), ``no-unet-head`` (the three-convolution refinement head
+  instead of the UNet head), ``coarse-noise-0.1`` (finer levels trained on coarse conditions noised by at most
+  0.1 instead of 0.5), ``plain-dit`` (no masking and no pyramid); candidates, each with one change:
+  ``foreground-rank`` (sources' darkest foreground at rank -0.5, apart from the background's -1),
+  ``refine-sigma-1`` (the finer levels sample from the coarser sample noised to sigma 1, SDEdit, and train on
+  noise levels up to 1).
+- baselines: ``regression-unet`` (MONAI BasicUNet, L1, one forward pass) and ``monai-ddim`` (MONAI
+  DiffusionModelUNet, DDPM training, DDIM sampling), both on the evaluated pairs for B, told the pair by
+  the group of input channels the source fills; ``hist-matched`` (no training): the source inside its
+  foreground, inverted for T1 -> T2 (t1n or t1c -> t2w), mapped by quantiles onto the *real* target's
+  foreground histogram of the same subject (an oracle histogram a user does not have: a strong bar).
 - ``--shipped PATH`` adds an already-trained model, with its own budget.
 
-PHMDiff models are sampled with their config's default steps (``--steps`` overrides) and evaluated from
-``last/`` (``best/`` is chosen on this validation subject). Every method is scored in fp32 except
-``monai-ddim``, whose network runs under its training autocast (fp32 DDIM would take ~50 min here; see
-:func:`baselines.ddim_predict`). Single seed, one run each.
+PHMDiff models sample with their config's default steps (``--steps`` overrides) from ``last/``. Networks run
+under ``--precision auto``'s autocast, as ``phmdiff synthesize`` does. Single seed, one run each.
 
     pip install -e ".[bench]"     # monai-ddim's MONAI DiffusionModelUNet imports einops
-    python benchmarks/quality.py --cache-dir runs/brain-small/cache      # ~60 min on 2 CPU cores (B = 4)
-    python benchmarks/quality.py --cache-dir runs/brain-small/cache --only monai-ddim --update  # one row again
+    python benchmarks/quality.py --only hist-matched,regression-unet --minutes 30 --shipped weights/brain-small
+    python benchmarks/quality.py --only phmdiff --minutes 30 --update     # one more row, the others kept
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,47 +55,57 @@ import baselines
 import numpy as np
 import torch
 from baselines import Batch, Predict
-from engine_speed import DATA, ROOT, machine
+from engine_speed import ROOT, machine
 
-from phmdiff_cli.data.slices import SampleKey, SliceDataset
+from phmdiff_cli.data.slices import Pair, SliceDataset, parse_pairs
 from phmdiff_cli.diffusion import sample
-from phmdiff_cli.engine.device import resolve_precision
+from phmdiff_cli.engine.device import autocast, resolve_precision
 from phmdiff_cli.engine.pretrained import load_pretrained
-from phmdiff_cli.engine.settings import TrainSettings
+from phmdiff_cli.engine.settings import load_settings
 from phmdiff_cli.engine.train_data import load_data, slice_dataset
 from phmdiff_cli.engine.trainer import run_model_config
-from phmdiff_cli.engine.validation import fixed_subset, item_scores
+from phmdiff_cli.engine.validation import item_scores
 
-VAL_SUBJECT = "TCGA-DU-7294"
-PAIR = "t1n:t2w"
-ALL_PAIRS = "t1n:t2w,t1n:t2f,t2w:t2f"
-#: PHMDiff runs of ``phmdiff train``: pairs, share of the budget B, extra flags.
-RUNS: dict[str, tuple[str, float, list[str]]] = {
-    "phmdiff": (ALL_PAIRS, 1.0, []),
-    "no-pyramid": (ALL_PAIRS, 1.0, ["--levels", "1"]),
-    "no-masking": (ALL_PAIRS, 1.0, ["--mask-ratio", "0"]),
-    "no-cgr": (ALL_PAIRS, 1.0, ["--cgr-pixel", "0", "--cgr-structure", "0", "--cgr-feature", "0"]),
-    "one-model-per-pair": (PAIR, 1 / 3, []),
-    "no-rank": (ALL_PAIRS, 1.0, ["--source-norm", "percentile"]),
-    "no-sigma-max": (ALL_PAIRS, 1.0, ["--config", "{work}/no-sigma-max.json"]),
-    "no-unet-head": (ALL_PAIRS, 1.0, ["--config", "{work}/no-unet-head.json"]),
-    "coarse-noise-0.1": (ALL_PAIRS, 1.0, ["--config", "{work}/coarse-noise-0.1.json"]),
-    "plain-dit": (ALL_PAIRS, 1.0, ["--levels", "1", "--mask-ratio", "0"]),
+#: The data, training pairs and validation subjects of the brain models (``phmdiff train --config``).
+PROTOCOL = ROOT / "weights" / "brain_data.json"
+#: The pairs scored: T1 -> T2 where a subject has both, T1c -> FLAIR on every validation subject.
+EVAL_PAIRS = "t1n:t2w,t1c:t2f"
+#: ``phmdiff eval`` defaults, and sharpness.
+METRICS = {"psnr": "psnr", "ssim": "ssim", "sharpness": "sharpness"}
+#: PHMDiff runs of ``phmdiff train`` on the protocol's pairs: extra flags.
+RUNS: dict[str, list[str]] = {
+    "phmdiff": [],
+    "no-pyramid": ["--levels", "1"],
+    "no-masking": ["--mask-ratio", "0"],
+    "no-cgr": ["--cgr-pixel", "0", "--cgr-structure", "0", "--cgr-feature", "0"],
+    "no-rank": ["--source-norm", "percentile"],
+    "no-sigma-max": ["--config", "{work}/no-sigma-max.json"],
+    "no-unet-head": ["--config", "{work}/no-unet-head.json"],
+    "coarse-noise-0.1": ["--config", "{work}/coarse-noise-0.1.json"],
+    "plain-dit": ["--levels", "1", "--mask-ratio", "0"],
+    "foreground-rank": ["--source-norm", "foreground-rank"],
+    "refine-sigma-1": ["--config", "{work}/refine-sigma-1.json"],
 }
-#: The model-config overrides (``phmdiff train --config``) that the ``{work}/NAME.json`` flags above name.
+#: The model-config overrides (``phmdiff train --config``) that the ``{work}/NAME.json`` flags above name; the
+#: protocol's data, pairs and validation subjects are added to each.
 CONFIGS: dict[str, dict[str, Any]] = {
     "no-sigma-max": {"model": {"diffusion": {"p_sigma_max": 0.0}}},
     "no-unet-head": {"model": {"refine_depth": 0, "refine_channels": 32}},
     "coarse-noise-0.1": {"model": {"diffusion": {"coarse_noise": 0.1}}},
+    "refine-sigma-1": {"model": {"diffusion": {"refine_sigma": 1.0}}},
 }
-ROLES = {"phmdiff": "proposed", "no-pyramid": "ablation", "no-masking": "ablation", "no-cgr": "ablation",
-         "one-model-per-pair": "ablation", "no-rank": "ablation", "no-sigma-max": "ablation",
-         "no-unet-head": "ablation", "coarse-noise-0.1": "ablation",
-         "plain-dit": "baseline", "monai-ddim": "baseline",
-         "regression-unet": "baseline", "hist-matched-inverted": "baseline"}
+#: Candidates are changes to the engine measured against ``phmdiff`` (issue "sharp synthesis").
+CANDIDATES = ("foreground-rank", "refine-sigma-1")
+ROLES = {"phmdiff": "proposed",
+         **{name: "ablation" for name in RUNS if name not in ("phmdiff", "plain-dit", *CANDIDATES)},
+         **dict.fromkeys(CANDIDATES, "candidate"), "plain-dit": "baseline", "monai-ddim": "baseline",
+         "regression-unet": "baseline", "hist-matched": "baseline"}
 #: AdamW learning rate per trained method unless ``--lr`` says otherwise (PHMDiff runs: the trainer's 2e-4).
 DEFAULT_LR = {**dict.fromkeys(RUNS, 2e-4), "monai-ddim": 2e-4, "regression-unet": 5e-4}
 DEFAULT_BATCH = 8  # the trainer's default, for every trained method unless ``--batch`` says otherwise
+
+#: A method's whole-volume synthesis: (validation slices, item) -> float32 ``(z, H, W)`` model-range volume.
+PredictVolume = Callable[[SliceDataset, int], np.ndarray]
 
 
 @dataclass
@@ -97,7 +113,7 @@ class Method:
     """A method ready to score, and how it was trained (None: not trained)."""
 
     name: str
-    predict: Predict
+    predict: PredictVolume
     pairs: str
     budget_min: float | None
     steps: int | None
@@ -109,46 +125,69 @@ class Method:
 
 @dataclass
 class Slices:
-    """The t1n:t2w slices: training subjects (augmented like ``phmdiff train``) and the validation subject's
-    fixed evaluation subset."""
+    """The evaluated pairs' slices: training subjects (augmented like ``phmdiff train``) and validation
+    subjects (whole volumes)."""
 
     train: SliceDataset
     val: SliceDataset
-    keys: list[SampleKey]
+    pairs: tuple[Pair, ...]
 
 
-def load_slices(data: Path, cache: Path, val_slices: int) -> Slices:
-    """The datasets ``phmdiff train --pairs t1n:t2w --val-subjects TCGA-DU-7294`` builds (same grid and cache)."""
-    settings = TrainSettings(data=str(data), pairs=PAIR, val_subjects=[VAL_SUBJECT], cache_dir=str(cache))
+def load_slices(cache: Path) -> Slices:
+    """The datasets ``phmdiff train --config weights/brain_data.json --pairs EVAL_PAIRS`` builds."""
+    settings = load_settings(PROTOCOL, {"pairs": EVAL_PAIRS, "cache_dir": str(cache)})
+    settings.data = [str((ROOT / folder).resolve()) for folder in settings.data_folders]
     found = load_data(settings)
     common: dict[str, Any] = {"settings": settings, "config": run_model_config(settings, found), "cache": cache,
                               "progress": False, "console": None}
     train = slice_dataset(found, found.train_ids, augment=True, **common)
     val = slice_dataset(found, found.val_ids, augment=False, **common)
-    return Slices(train, val, fixed_subset(val, val_slices))
+    return Slices(train, val, found.pairs)
 
 
-def batches(dataset: SliceDataset, size: int, seed: int) -> Iterator[Batch]:
+def batches(dataset: SliceDataset, size: int, seed: int) -> Any:
     """The trainer's stream: foreground-weighted seeded draws, batched, no worker processes (CPU)."""
     return iter(torch.utils.data.DataLoader(dataset, batch_size=size, sampler=dataset.sampler(seed=seed)))
 
 
-@torch.no_grad()
-def score(predict: Predict, slices: Slices, batch_size: int) -> dict[str, float]:
-    """PSNR, SSIM (as training validation computes them) and seconds per slice of ``predict`` alone."""
-    rows: list[dict[str, np.ndarray]] = []
-    seconds = 0.0
-    for start in range(0, len(slices.keys), batch_size):
-        samples = [slices.val[key] for key in slices.keys[start : start + batch_size]]
-        batch = {name: torch.stack([s[name] for s in samples]) for name in samples[0]}
+def by_slices(predict: Predict, batch_size: int, dtype: torch.dtype | None) -> PredictVolume:
+    """A whole-volume prediction from a batch :data:`Predict`: every slice of the item, in batches, under
+    autocast to ``dtype``."""
+
+    @torch.no_grad()
+    def predict_volume(dataset: SliceDataset, item: int) -> np.ndarray:
+        subject, _ = dataset.items[item]
+        depth, out = dataset.subjects[subject].depth, []
+        for start in range(0, depth, batch_size):
+            samples = [dataset[(item, z, 0)] for z in range(start, min(depth, start + batch_size))]
+            batch = {name: torch.stack([s[name] for s in samples]) for name in samples[0]}
+            with autocast(torch.device("cpu"), dtype):
+                out.append(predict(batch).float()[:, 0].numpy())
+        return np.concatenate(out)
+
+    return predict_volume
+
+
+def score(method: Method, slices: Slices) -> dict[str, Any]:
+    """Per validation subject and evaluated pair the method serves: PSNR, SSIM, sharpness and seconds per
+    slice; and per pair the mean over subjects."""
+    served = {str(p) for p in parse_pairs(method.pairs)} if method.pairs != "-" else None
+    per: dict[str, dict[str, dict[str, float]]] = {}
+    for item, (subject, pair) in enumerate(slices.val.items):
+        if served is not None and str(pair) not in served:
+            continue
         began = time.perf_counter()
-        pred = predict(batch).float().numpy()  # (B, 1, H, W)
-        seconds += time.perf_counter() - began
-        rows += [{"pred": p[0], "real": s["target"][0].numpy()} for p, s in zip(pred, samples, strict=True)]
-    scores = item_scores(slices.val, 0, rows)  # item 0: the validation subject's t1n:t2w, the only item
-    if scores is None:
-        raise RuntimeError("the validation slices have no foreground")
-    return {"psnr": scores["psnr"], "ssim": scores["ssim"], "s_per_slice": seconds / len(rows)}
+        pred = method.predict(slices.val, item)
+        seconds = time.perf_counter() - began
+        real = np.asarray(slices.val.array(subject, pair.target), dtype=np.float32)
+        scores = item_scores(slices.val, item, pred, real, METRICS)
+        if scores is None:
+            continue
+        sid = slices.val.subjects[subject].id
+        per.setdefault(str(pair), {})[sid] = {**scores, "s_per_slice": seconds / len(pred)}
+        print(f"#   {method.name} {pair} {sid}: {scores}", flush=True)
+    return {pair: {**rows, "mean": {m: float(np.mean([r[m] for r in rows.values()])) for m in
+                                    (*METRICS.values(), "s_per_slice")}} for pair, rows in per.items()}
 
 
 def params_of(model: torch.nn.Module) -> int:
@@ -159,7 +198,6 @@ def phmdiff_method(name: str, model: Path, args: argparse.Namespace, budget_min:
                    note: str = "") -> Method:
     """A trained PHMDiff (``model`` as ``--model`` takes it), sampled from seeded noise shared by the batch."""
     pre = load_pretrained(model)
-    pre.pair_for(("t1n",), "t2w")  # refuses a model not trained for the evaluated pair
     cfg, training = pre.config, pre.card["training"]
     schedule = [args.steps] * cfg.levels if args.steps else list(cfg.sampling.steps)
     evals = sum(n if cfg.sampling.sampler == "euler" else 2 * n - 1 for n in schedule)
@@ -172,53 +210,69 @@ def phmdiff_method(name: str, model: Path, args: argparse.Namespace, budget_min:
                 "levels": cfg.levels, "patch_sizes": cfg.patch_sizes, "mask_ratios": cfg.mask_ratios,
                 "cgr": [cfg.diffusion.cgr_pixel, cfg.diffusion.cgr_structure, cfg.diffusion.cgr_feature],
                 "sampler": f"{cfg.sampling.sampler} {schedule}", "train_s": training.get("elapsed_s")}
-    pairs = ",".join(str(p) for p in pre.pairs)
-    if VAL_SUBJECT in training.get("subjects", {}).get("train", []):
-        note = f"NOT comparable, trained on {VAL_SUBJECT}; {note}"
+    trained_on = set(training.get("subjects", {}).get("train", []))
+    seen = sorted(trained_on & set(args.val_subjects))
+    if seen:
+        note = f"NOT comparable, trained on {', '.join(seen)}; {note}"
     # a fine-tuned model's card also counts its initial model's training (total_*)
     elapsed = training.get("total_elapsed_s", training["elapsed_s"])
     budget = budget_min if budget_min is not None else round(elapsed / 60, 1)
     steps = training.get("total_steps", training["steps"])
-    return Method(name, predict, pairs, budget, steps, params_of(pre.model), evals, settings, note)
+    evaluated = ",".join(p for p in EVAL_PAIRS.split(",") if parse_pairs(p)[0] in pre.pairs)
+    return Method(name, by_slices(predict, args.eval_batch, args.dtype), evaluated, budget, steps,
+                  params_of(pre.model), evals, settings, note)
 
 
-def train_phmdiff(name: str, args: argparse.Namespace) -> Method:
-    """Train one PHMDiff run with ``phmdiff train`` (a subprocess, as a user would) and load its ``last/``."""
-    pairs, share, flags = RUNS[name]
-    minutes, out = args.minutes * share, args.work / name
+def train_command(name: str, args: argparse.Namespace) -> list[str]:
+    """The ``phmdiff train`` command (as a user would run it) of one PHMDiff run, its config file written."""
     args.work.mkdir(parents=True, exist_ok=True)
-    if name in CONFIGS:
-        (args.work / f"{name}.json").write_text(json.dumps(CONFIGS[name]))
-    flags = [flag.format(work=args.work) for flag in flags]
+    config = args.work / f"{name}.json"
+    config.write_text(json.dumps({**json.loads(PROTOCOL.read_text()), **CONFIGS.get(name, {})}))
+    flags = [flag for flag in RUNS[name] if flag != "--config" and "{work}" not in flag]
     never = "1000000000"  # no validation or checkpoint inside the budget; the trainer validates once after it
-    subprocess.run([sys.executable, "-m", "phmdiff_cli", "train", "--data", str(args.data), "--pairs", pairs,
-                    "--out", str(out), "--force", "-q", "--cache-dir", str(args.cache_dir), "--size", "small",
-                    "--val-subjects", VAL_SUBJECT, "--val-slices", "1", "--val-every", never,
-                    "--checkpoint-every", never, "--checkpoint-minutes", never, "--minutes", str(minutes),
-                    "--batch-size", str(args.batch.get(name, DEFAULT_BATCH)), "--lr", str(args.lr[name]),
-                    "--warmup-steps", str(args.warmup), "--seed", str(args.seed), *flags], check=True)
-    note = "three such models (one per pair) share the budget B; only t1n:t2w is trained" if share < 1 else ""
-    return phmdiff_method(name, out / "last", args, round(minutes, 2), note)
+    return [sys.executable, "-m", "phmdiff_cli", "train", "--config", str(config), "--out", str(args.work / name),
+            "--force", "-q", "--cache-dir", str(args.cache_dir), "--size", "small",
+            "--val-slices", "1", "--val-every", never, "--checkpoint-every", never,
+            "--checkpoint-minutes", never, "--minutes", str(args.minutes),
+            "--batch-size", str(args.batch.get(name, DEFAULT_BATCH)), "--lr", str(args.lr[name]),
+            "--warmup-steps", str(args.warmup), "--seed", str(args.seed), *flags]
+
+
+def train_phmdiff_runs(names: list[str], args: argparse.Namespace) -> None:
+    """Train the PHMDiff runs ``names``: one after another with all threads, or ``--parallel N`` side by side
+    with an equal share of the cores each (every run then sees the same machine)."""
+    if args.parallel <= 1:
+        for name in names:
+            subprocess.run(train_command(name, args), check=True, cwd=ROOT)
+        return
+    threads = str(max(1, (os.cpu_count() or 1) // args.parallel))
+    for start in range(0, len(names), args.parallel):
+        group = names[start : start + args.parallel]
+        runs = [subprocess.Popen(train_command(name, args), cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": threads})
+                for name in group]
+        failed = [name for name, run in zip(group, runs, strict=True) if run.wait() != 0]
+        if failed:
+            raise RuntimeError(f"phmdiff train failed for {failed}")
 
 
 def train_baseline(name: str, slices: Slices, args: argparse.Namespace) -> Method:
-    """Train ``monai-ddim`` or ``regression-unet`` on t1n:t2w for the budget B."""
+    """Train ``monai-ddim`` or ``regression-unet`` on the evaluated pairs for the budget B."""
     torch.manual_seed(args.seed)
-    context = slices.train.k * 2 + 1
+    context, pairs = slices.train.k * 2 + 1, slices.pairs
     size, lr = args.batch.get(name, DEFAULT_BATCH), args.lr[name]
     if name == "monai-ddim":
-        net, loss, evals = baselines.ddpm_unet(context), baselines.ddpm_loss, args.ddim_steps
+        net, loss, evals = baselines.ddpm_unet(context, pairs), baselines.ddpm_loss, args.ddim_steps
     else:
-        net, loss, evals = baselines.regression_unet(context), baselines.l1_loss, 1
-    dtype = resolve_precision("auto", torch.device("cpu"))  # what `phmdiff train` picks for the PHMDiff runs
-    trained = baselines.train_for(net, loss(net), batches(slices.train, size, args.seed), minutes=args.minutes,
-                                  lr=lr, warmup=args.warmup, ema_decay=args.ema_decay, dtype=dtype)
-    predict = (baselines.ddim_predict(trained.model, args.ddim_steps, args.seed, dtype) if name == "monai-ddim"
-               else baselines.regression_predict(trained.model))
-    settings = {"batch": size, "lr": lr, "train_s": round(trained.seconds, 1), "precision": str(dtype),
-                "sampler": f"DDIM {args.ddim_steps} steps, {dtype} autocast" if name == "monai-ddim"
-                else "one forward pass, fp32"}
-    return Method(name, predict, PAIR, args.minutes, trained.steps, params_of(net), evals, settings)
+        net, loss, evals = baselines.regression_unet(context, pairs), baselines.l1_loss, 1
+    trained = baselines.train_for(net, loss(net, pairs), batches(slices.train, size, args.seed),
+                                  minutes=args.minutes, lr=lr, warmup=args.warmup, ema_decay=args.ema_decay,
+                                  dtype=args.dtype)
+    predict = (baselines.ddim_predict(trained.model, pairs, args.ddim_steps, args.seed)
+               if name == "monai-ddim" else baselines.regression_predict(trained.model, pairs))
+    settings = {"batch": size, "lr": lr, "train_s": round(trained.seconds, 1), "precision": str(args.dtype),
+                "sampler": f"DDIM {args.ddim_steps} steps" if name == "monai-ddim" else "one forward pass"}
+    return Method(name, by_slices(predict, args.eval_batch, args.dtype), EVAL_PAIRS, args.minutes, trained.steps,
+                  params_of(net), evals, settings)
 
 
 def build(name: str, slices: Slices, args: argparse.Namespace) -> Method:
@@ -226,37 +280,37 @@ def build(name: str, slices: Slices, args: argparse.Namespace) -> Method:
     if name == "shipped":
         return phmdiff_method(f"shipped {args.shipped}", args.shipped, args, None,
                               "its own budget (the card's training.total_elapsed_s or elapsed_s)")
-    if name in RUNS:
-        return train_phmdiff(name, args)
-    if name == "hist-matched-inverted":
-        reference = baselines.pooled_foreground(slices.train, "t2w")
-        return Method(name, baselines.hist_matched_inverted(reference, "t1n"), "-", None, None, 0, 0,
-                      note="quantiles of the training subjects' pooled t2w foreground")
+    if name in RUNS:  # trained by train_phmdiff_runs
+        note = f"trained side by side with {args.parallel - 1} other run(s)" if args.parallel > 1 else ""
+        return phmdiff_method(name, args.work / name / "last", args, args.minutes, note)
+    if name == "hist-matched":
+        return Method(name, baselines.hist_matched, EVAL_PAIRS, None, None, 0, 0,
+                      note="oracle: quantiles of the subject's own real target")
     return train_baseline(name, slices, args)
 
 
-def row_of(method: Method, scores: dict[str, float]) -> dict[str, Any]:
+def row_of(method: Method, scores: dict[str, Any]) -> dict[str, Any]:
     return {"method": method.name, "role": ROLES.get(method.name, "reference"), "pairs": method.pairs,
             "budget_min": method.budget_min, "steps": method.steps, "params_M": round(method.params / 1e6, 2),
-            "evals_per_slice": method.evals, "psnr_db": round(scores["psnr"], 3), "ssim": round(scores["ssim"], 4),
-            "s_per_slice": round(scores["s_per_slice"], 3), "settings": method.settings, "note": method.note}
+            "evals_per_slice": method.evals, "scores": scores, "settings": method.settings, "note": method.note}
 
 
 def verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Whether ``phmdiff`` beats every baseline run on both PSNR and SSIM, which do not lose, and which
-    ablations scored at least as well as the full model (parts that did not help at this budget)."""
+    """Whether ``phmdiff`` beats every baseline run on both PSNR and SSIM (mean over validation subjects, each
+    evaluated pair), which do not lose, and which ablations scored at least as well as the full model."""
     ours = next((r for r in rows if r["method"] == "phmdiff"), None)
     run = [r["method"] for r in rows if r["role"] == "baseline"]
     if ours is None or not run:
         return {"phmdiff_beats_all_baselines": None, "text": "no verdict: it needs the phmdiff row and a baseline"}
 
     def not_beaten(role: str) -> list[str]:
-        return [r["method"] for r in rows if r["role"] == role
-                and (r["psnr_db"] >= ours["psnr_db"] or r["ssim"] >= ours["ssim"])]
+        return sorted({r["method"] for r in rows if r["role"] == role for pair, s in r["scores"].items()
+                       if pair in ours["scores"] and (s["mean"]["psnr"] >= ours["scores"][pair]["mean"]["psnr"]
+                                                      or s["mean"]["ssim"] >= ours["scores"][pair]["mean"]["ssim"])})
 
     lost_to, unhelpful = not_beaten("baseline"), not_beaten("ablation")
-    text = (f"PHMDiff beats every baseline run ({', '.join(run)}) on PSNR and SSIM" if not lost_to else
-            f"PHMDiff does NOT beat {', '.join(lost_to)} on both PSNR and SSIM at this budget")
+    text = (f"PHMDiff beats every baseline run ({', '.join(run)}) on mean PSNR and SSIM of every pair"
+            if not lost_to else f"PHMDiff does NOT beat {', '.join(lost_to)} on both mean PSNR and SSIM")
     if unhelpful:
         text += f"; ablations scoring at least as well on PSNR or SSIM: {', '.join(unhelpful)}"
     return {"phmdiff_beats_all_baselines": not lost_to, "baselines_run": run, "not_beaten": lost_to,
@@ -264,14 +318,16 @@ def verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    """A markdown table of the rows (paste it into benchmarks/README.md)."""
-    cols = {"method": "method", "pairs": "pairs trained", "budget_min": "budget min", "steps": "steps trained",
-            "params_M": "params M", "evals_per_slice": "evals / slice", "psnr_db": "PSNR dB", "ssim": "SSIM",
-            "s_per_slice": "s / slice"}
-    print("| " + " | ".join(cols.values()) + " |")
-    print("|" + "---|" * len(cols))
+    """A markdown table, a row per method and pair, PSNR / SSIM / sharpness per subject and their mean."""
+    subjects = sorted({sid for r in rows for s in r["scores"].values() for sid in s if sid != "mean"})
+    print("| method | budget min | pair | " + " | ".join(subjects) + " | mean |")
+    print("|" + "---|" * (len(subjects) + 4))
     for r in rows:
-        print("| " + " | ".join("-" if r[c] is None else str(r[c]) for c in cols) + " |")
+        for pair, per in r["scores"].items():
+            cells = [f"{per[sid]['psnr']:.2f} / {per[sid]['ssim']:.3f} / {per[sid]['sharpness']:.2f}"
+                     if sid in per else "" for sid in (*subjects, "mean")]
+            budget = "-" if r["budget_min"] is None else r["budget_min"]
+            print(f"| {r['method']} | {budget} | {pair} | " + " | ".join(cells) + " |")
 
 
 def per_method(text: str, cast: Callable[[str], Any]) -> dict[str, Any]:
@@ -283,10 +339,9 @@ def per_method(text: str, cast: Callable[[str], Any]) -> dict[str, Any]:
     return {name.strip(): cast(value) for name, value in pairs}
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--minutes", type=float, default=4.0, help="training budget B per method (default 4)")
-    parser.add_argument("--val-slices", type=int, default=32, help="validation slices scored (default 32)")
+    parser.add_argument("--minutes", type=float, default=30.0, help="training budget B per method (default 30)")
     parser.add_argument("--only", default=",".join(ROLES), help="comma-separated methods (default: all)")
     parser.add_argument("--shipped", type=Path, default=None, help="also score this trained model (--model)")
     parser.add_argument("--steps", type=int, default=None, help="PHMDiff sampler steps per level (default: "
@@ -300,22 +355,26 @@ def parse_args() -> argparse.Namespace:
                         "(default 20; the trainer's own, min(500, steps/10), would never end within B)")
     parser.add_argument("--ema-decay", type=float, default=0.999, help="EMA of the UNets (the trainer's)")
     parser.add_argument("--eval-batch", type=int, default=8, help="slices per inference batch")
+    parser.add_argument("--precision", default="auto", help="autocast of training and inference (default auto)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data", type=Path, default=DATA / "brats")
+    parser.add_argument("--parallel", type=int, default=1, help="train this many PHMDiff runs side by side, each "
+                        "with an equal share of the cores (default 1: one after another)")
     parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "results" / "quality-runs",
                         help="run folders of the PHMDiff trainings")
-    parser.add_argument("--cache-dir", type=Path, default=None, help="preprocessing cache (default WORK/cache; "
-                        "runs/brain-small/cache holds these subjects already)")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="preprocessing cache (default WORK/cache)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "quality.json")
     parser.add_argument("--update", action="store_true", help="rerun only these methods: keep --out's other "
                         "rows, replace the rows of the methods run, and log this run in its 'runs'")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.only = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = sorted(set(args.only) - set(ROLES))
     if unknown:
         parser.error(f"unknown method(s) {unknown}; choose from {list(ROLES)}")
     args.lr = {**DEFAULT_LR, **args.lr}
-    args.cache_dir = args.cache_dir or args.work / "cache"
+    args.cache_dir = (args.cache_dir or args.work / "cache").resolve()
+    args.work = args.work.resolve()
+    args.dtype = resolve_precision(args.precision, torch.device("cpu"))
+    args.val_subjects = json.loads(PROTOCOL.read_text())["val_subjects"]
     return args
 
 
@@ -343,21 +402,22 @@ def main() -> None:
     previous = json.loads(args.out.read_text()) if args.update and args.out.exists() else None
     info = machine()
     print(f"# {info['cpu']}, {info['cores']} cores, {info['threads']} threads, torch {info['torch']}, "
-          f"load {info['load_avg_at_start']}", flush=True)
-    slices = load_slices(args.data, args.cache_dir, args.val_slices)
-    print(f"# {PAIR}: {len(slices.train.subjects)} training subjects, {len(slices.keys)} slices of {VAL_SUBJECT} "
-          f"(z = {[k[1] for k in slices.keys]})", flush=True)
+          f"load {info['load_avg_at_start']}, precision {args.dtype or 'fp32'}", flush=True)
+    slices = load_slices(args.cache_dir)
+    print(f"# {EVAL_PAIRS}: {len(slices.train.subjects)} training subjects, validation "
+          f"{[s.id for s in slices.val.subjects]}", flush=True)
     names = [n for n in ROLES if n in args.only] + (["shipped"] if args.shipped else [])
-    settings = {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                "val_subject": VAL_SUBJECT, "pair": PAIR, "eval_keys": slices.keys,
-                "metrics": "psnr, ssim2d of phmdiff eval: percentile scale, auto mask of the reference"}
+    settings = {**{k: str(v) if isinstance(v, (Path, torch.dtype)) else v for k, v in vars(args).items()},
+                "protocol": json.loads(PROTOCOL.read_text()), "eval_pairs": EVAL_PAIRS,
+                "metrics": "phmdiff eval defaults on whole volumes (model grid): percentile scale, auto mask of "
+                "the reference, PSNR, 3-D SSIM; sharpness"}
     rows: list[dict[str, Any]] = []
     report = report_of(previous, rows, info, settings)
+    train_phmdiff_runs([n for n in names if n in RUNS], args)
     for name in names:
         print(f"# {name}: training / preparing", flush=True)
         method = build(name, slices, args)
-        rows.append(row_of(method, score(method.predict, slices, args.eval_batch)))
-        print(f"# {name}: PSNR {rows[-1]['psnr_db']} dB, SSIM {rows[-1]['ssim']}", flush=True)
+        rows.append(row_of(method, score(method, slices)))
         report = report_of(previous, rows, info, settings)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1))  # after every method: a crash keeps the finished ones

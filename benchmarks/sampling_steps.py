@@ -42,10 +42,11 @@ def evaluations(sampler: str, steps: tuple[int, ...]) -> int:
 
 
 def validation_slices(pretrained: Pretrained, pairs: str, cache: Path, data_root: Path | None) -> SliceDataset:
-    """The model's validation subjects for ``pairs`` (from ``data_root`` or the card's data folder),
+    """The model's validation subjects for ``pairs`` (from ``data_root`` or the card's data folders),
     preprocessed as in training (no augmentation)."""
     training = pretrained.card["training"]
-    settings = TrainSettings(data=str(data_root or training["data"]["root"]), pairs=pairs,
+    folders = training["data"].get("folders", [training["data"]["root"]])
+    settings = TrainSettings(data=str(data_root) if data_root else folders, pairs=pairs,
                              val_subjects=training["subjects"]["val"], cache_dir=str(cache), augment=False)
     data = load_data(settings)
     return slice_dataset(data, data.val_ids, settings=settings, config=pretrained.config, cache=cache,

@@ -57,6 +57,10 @@ class DiffusionConfig:
             learns to correct an imperfect coarse sample rather than copy it. The registered sizes use 0.5:
             with 0.1 the finer levels copied the coarse sample and added nothing from the sources (a coarse
             sample's error is ~0.2 rms; benchmarks/README.md, "Coarse-sample augmentation").
+        refine_sigma: 0, or the noise level at which the finer levels start sampling (SDEdit, Meng et al.
+            2022): from the upsampled coarser sample plus noise of this std, instead of from pure noise at
+            ``sampling.sigma_max``; they then train on noise levels up to it (log-normal draws clipped to it, and
+            the ``p_sigma_max`` share at it), where their evaluations are spent.
         mae_weight: weight of the reconstruction loss on masked tokens (MaskDiT: 0.1).
         cgr_pixel: CGR pixel term: the fine prediction, area-downsampled, against the coarser level's
             prediction.
@@ -70,6 +74,7 @@ class DiffusionConfig:
     p_std: float = 1.6
     p_sigma_max: float = 0.0
     coarse_noise: float = 0.1
+    refine_sigma: float = 0.0
     mae_weight: float = 0.1
     cgr_pixel: float = 0.1
     cgr_structure: float = 0.05
@@ -112,7 +117,8 @@ class ModelConfig:
         context: k, the number of neighbouring source slices on each side (2k + 1 channels per source).
         source_norm: how the model sees its MRI sources: ``"percentile"`` (as prepared: divided by the
             foreground 99.5th percentile) or ``"rank"`` (each voxel's quantile in its volume's foreground, the
-            same for any monotone change of scanner intensities); see
+            same for any monotone change of scanner intensities; ``"foreground-rank"`` keeps the darkest
+            foreground apart from the background); see
             :func:`~phmdiff_cli.data.normalize.normalize_source`. Targets are always percentile-scaled.
         max_sources: S, source slots per sample (unused slots are zero-filled with modality id 0).
         num_modalities: modality embedding entries (ids 0..num_modalities-1; 0 = absent slot).

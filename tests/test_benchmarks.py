@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,6 +14,17 @@ from phmdiff_cli.engine.hub import DEFAULT_MODEL, SHIPPED_WEIGHTS
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import quality  # noqa: E402  (a script folder, not a package)
+
+
+class _Volume:
+    """A stand-in for a validation SliceDataset: one item, a subject of ``depth`` empty slices."""
+
+    def __init__(self, depth: int) -> None:
+        self.items = [(0, None)]
+        self.subjects = [argparse.Namespace(depth=depth)]
+
+    def __getitem__(self, key: tuple[int, int, int]) -> dict[str, torch.Tensor]:
+        return {"source": torch.zeros(3, 3, 8, 8), "src_mod": torch.zeros(3), "tgt_mod": torch.zeros(())}
 
 
 def test_quality_samples_with_the_sampler_steps_and_reports_the_total_training(
@@ -25,13 +37,45 @@ def test_quality_samples_with_the_sampler_steps_and_reports_the_total_training(
         return (torch.zeros(source.shape[0], 1, *source.shape[-2:]),)
 
     monkeypatch.setattr(quality, "sample", fake_sample)
-    args = argparse.Namespace(steps=None, seed=0)
+    args = argparse.Namespace(steps=None, seed=0, eval_batch=4, dtype=None, val_subjects=["TCGA-DU-7294"])
     method = quality.phmdiff_method("shipped", SHIPPED_WEIGHTS / DEFAULT_MODEL, args, None)
-    batch = {"source": torch.zeros(2, 3, 3, 8, 8), "src_mod": torch.zeros(2, 3), "tgt_mod": torch.zeros(2)}
-    method.predict(batch)
+    volume = method.predict(_Volume(depth=10), 0)  # type: ignore[arg-type]
+    assert volume.shape == (10, 8, 8)
     card = quality.load_pretrained(SHIPPED_WEIGHTS / DEFAULT_MODEL)
     training = card.card["training"]
-    assert calls == [list(card.config.sampling.steps)]  # the card's schedule, e.g. [3, 2, 2]
+    assert calls == [list(card.config.sampling.steps)] * 3  # batches of 4, 4, 2; the card's schedule
     assert method.evals == sum(card.config.sampling.steps)  # Euler: one evaluation per step
     assert method.steps == training["steps"] + training["init"]["steps"]  # the fine-tune and its initial model
     assert method.budget_min == round((training["elapsed_s"] + training["init"]["elapsed_s"]) / 60, 1)
+    assert method.pairs == quality.EVAL_PAIRS  # the shipped model serves both evaluated pairs
+
+
+def test_hist_matched_baseline_maps_the_source_onto_the_real_target_histogram(
+    brats_dir: Path, tmp_path: Path
+) -> None:
+    import baselines  # noqa: E402  (a script folder, not a package)
+
+    from phmdiff_cli.data.grid import ModelGrid
+    from phmdiff_cli.data.layouts import discover
+    from phmdiff_cli.data.slices import SliceDataset, parse_pairs
+
+    subject = discover(brats_dir).subject("TCGA-DU-7294")
+    pairs = parse_pairs("t1n:t2w,t1c:t2f")
+    dataset = SliceDataset([subject], pairs, ModelGrid(240, 1.0), tmp_path)  # BraTS: exact
+    for item, (_, pair) in enumerate(dataset.items):
+        pred = baselines.hist_matched(dataset, item)
+        real = dataset.array(0, pair.target).astype("float32")
+        inside = pred > -1
+        assert inside.mean() > 0.1
+        # the foreground values are the real target's, quantile for quantile
+        quantiles = np.linspace(0.05, 0.95, 7)
+        ref = real[baselines._foreground(real, pair.target)]
+        assert np.allclose(np.quantile(pred[inside], quantiles), np.quantile(ref, quantiles), atol=0.03)
+        # T1 -> T2 is inverted (CSF bright), so it correlates positively with the real T2 inside the brain
+        both = inside & (real > -1)
+        assert np.corrcoef(pred[both], real[both])[0, 1] > 0.3, pair
+    # the UNets' input: the source stack in its pair's group of channels (item 1 is t1c:t2f), the other zero
+    sample = dataset[(1, 70, 0)]
+    stacked = baselines.stack({k: v[None] for k, v in sample.items()}, pairs)
+    assert stacked.shape == (1, 2 * 3, 240, 240)
+    assert not stacked[0, :3].any() and torch.equal(stacked[0, 3:], sample["source"][0])

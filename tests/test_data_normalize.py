@@ -54,6 +54,16 @@ def test_rank_is_uniform_over_the_foreground_and_keeps_the_background(t1n: np.nd
     assert np.all(np.diff(ranked[fg][order]) >= 0)
 
 
+def test_foreground_rank_keeps_the_darkest_foreground_apart_from_the_background(t1n: np.ndarray) -> None:
+    prepared = _model_range(t1n)
+    fg = foreground_mask((prepared + 1) / 2, "t1n")
+    plain, apart = normalize_source(prepared, "t1n", "rank"), normalize_source(prepared, "t1n", "foreground-rank")
+    assert np.all(apart[~fg] == -1.0)
+    assert apart[fg].min() >= -0.5 - 1e-6 and (plain[fg] < -0.9).mean() > 0.04  # 5 % of "rank" sits by -1
+    # the same order, affinely squeezed: [-1, 1] -> [-0.5, 1]
+    np.testing.assert_allclose(apart[fg], -0.5 + (plain[fg] + 1.0) * 0.75, atol=1e-5)
+
+
 def test_percentile_and_ct_sources_pass_unchanged(t1n: np.ndarray) -> None:
     prepared = _model_range(t1n)
     assert normalize_source(prepared, "t1n", "percentile") is prepared

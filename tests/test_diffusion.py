@@ -267,3 +267,43 @@ def test_coarse_noise_augments_the_coarse_sample_at_inference_only_when_set() ->
     seen.clear()
     again, _ = sample(model, b["source"], b["src_mod"], b["tgt_mod"], steps=1, noise_seed=5)
     assert torch.equal(again, plain)
+
+
+def test_refine_sigma_starts_the_finer_levels_from_the_coarser_sample() -> None:
+    """SDEdit finer levels: level 0 samples from pure noise at sigma_max; levels 1 and 2 from the upsampled
+    coarser sample plus noise of std ``refine_sigma``, and they train on noise levels up to it."""
+    model = _tiny_model()
+    model.config.diffusion.refine_sigma = 1.0
+    b = _batch(model.config)
+    seen: list[tuple[int, float, torch.Tensor, torch.Tensor | None]] = []
+    forward = model.forward
+
+    def spy(x, noise_labels, source, coarse, *args, level, **kwargs):
+        seen.append((level, float(noise_labels[0]), x.clone(), coarse))
+        return forward(x, noise_labels, source, coarse, *args, level=level, **kwargs)
+
+    model.forward = spy
+    sample(model, b["source"], b["src_mod"], b["tgt_mod"], steps=2, noise_seed=5)
+    first = {level: (label, x, coarse) for level, label, x, coarse in reversed(seen)}
+    assert math.exp(4 * first[0][0]) == pytest.approx(model.config.sampling.sigma_max)
+    for level in (1, 2):
+        label, x, coarse = first[level]
+        assert math.exp(4 * label) == pytest.approx(1.0)
+        _, _, c_in, _ = precondition(torch.tensor([1.0]), model.config.diffusion.sigma_data)
+        start = x / c_in  # the denoiser's input is c_in * x
+        assert 0.8 < float((start - coarse).std()) < 1.2  # the coarse sample plus unit noise
+        assert float(torch.corrcoef(torch.stack([start.flatten(), coarse.flatten()]))[0, 1]) > 0.1
+    model.forward = forward
+    labels: list[torch.Tensor] = []
+    forward_levels = model.forward_levels
+
+    def spy_levels(xs, noise_labels, *args, **kwargs):
+        labels.extend(noise_labels)
+        return forward_levels(xs, noise_labels, *args, **kwargs)
+
+    model.forward_levels = spy_levels
+    model.train()
+    training_loss(model, _batch(model.config, batch=64), generator=torch.Generator().manual_seed(0))
+    sigmas = [torch.exp(4 * label) for label in labels]
+    assert sigmas[0].max() > 1.5  # level 0 as before
+    assert all(float(s.max()) <= 1.0 + 1e-5 for s in sigmas[1:])

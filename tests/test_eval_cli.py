@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from scipy import ndimage
 from typer.testing import CliRunner
 
 from phmdiff_cli.cli.app import app
@@ -73,6 +74,25 @@ def test_identical_pair_gives_infinite_psnr_as_null(ct_case: dict[str, Any]) -> 
         "mask": "auto",
     }
     assert case["data_range"] == 4024.0
+
+
+def test_sharpness_single_and_folder_mode(ct_case: dict[str, Any], tmp_path: Path) -> None:
+    """The CT against itself: sharpness 1 beside PSNR inf (null); an in-plane blurred copy: below 1, the same
+    in folder mode."""
+    doc = _json("--pred", ct_case["ref"], "--ref", ct_case["ref"], "--metrics", "psnr,sharpness")
+    assert doc["metrics"] == ["psnr", "sharpness"]
+    assert doc["cases"][0]["metrics"] == {"psnr": None, "sharpness": pytest.approx(1.0, abs=1e-6)}
+    hu = read_volume(ct_case["ref"]).array.astype(np.float32)
+    blurred = _write(ndimage.gaussian_filter(hu, (0, 1.5, 1.5)), ct_case["ref"], tmp_path / "blur.nii.gz")
+    single_doc = _json("--pred", blurred, "--ref", ct_case["ref"], "--metrics", "sharpness")
+    single = single_doc["cases"][0]["metrics"]
+    assert 0.3 < single["sharpness"] < 0.9
+    refs, preds = tmp_path / "refs", tmp_path / "preds"
+    _link(refs / "case-1_ct.nii.gz", ct_case["ref"])
+    _link(preds / "case-1-sct.nii.gz", blurred)
+    folder = _json("--pred-dir", preds, "--ref-dir", refs, "--target", "ct", "--metrics", "sharpness,mae")
+    assert folder["cases"][0]["metrics"]["sharpness"] == pytest.approx(single["sharpness"], rel=1e-12)
+    assert folder["summary"]["sharpness"]["n"] == 1
 
 
 def test_ct_offset_in_the_body_gives_mae_50(ct_case: dict[str, Any]) -> None:

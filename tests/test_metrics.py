@@ -10,6 +10,7 @@ import pytest
 import torch
 from monai.metrics import MultiScaleSSIMMetric
 from monai.metrics.regression import compute_ssim_and_cs
+from scipy import ndimage
 from skimage.metrics import (
     mean_squared_error,
     normalized_root_mse,
@@ -21,7 +22,7 @@ from skimage.util import crop
 from phmdiff_cli.data.normalize import fit_intensity, unit_scale
 from phmdiff_cli.errors import InputError
 from phmdiff_cli.io import read_volume
-from phmdiff_cli.metrics import mae, ms_ssim, mse, nmse, psnr, ssim
+from phmdiff_cli.metrics import mae, ms_ssim, mse, nmse, psnr, sharpness, ssim
 from phmdiff_cli.metrics.evaluate import EvalSettings, auto_mask, image_scores, parse_metrics, scale_pair
 
 # A central block of the brain: big enough for 7- and 11-voxel windows, small enough to be quick.
@@ -221,6 +222,119 @@ def test_shape_and_mask_errors(t2: np.ndarray) -> None:
 
 
 ##################################################################################
+#                     Sharpness: in-plane Sobel gradient ratio                   #
+##################################################################################
+
+
+@pytest.fixture(scope="module")
+def brain(t2: np.ndarray) -> np.ndarray:
+    """The T2's automatic foreground mask (``phmdiff eval --mask auto``), boolean (z, y, x)."""
+    return auto_mask(t2, "t2w")
+
+
+def test_sharpness_falls_with_blur_and_rises_with_sharpening(t2: np.ndarray, brain: np.ndarray) -> None:
+    ref, mask = t2[BLOCK], brain[BLOCK]
+    assert 0.5 < mask.mean() < 0.95  # the block holds brain edge and background: the erosion matters
+    assert sharpness(ref.copy(), ref, mask) == pytest.approx(1.0, abs=1e-6)
+    assert sharpness(ref.copy(), ref) == pytest.approx(1.0, abs=1e-6)
+    blurred = [sharpness(ndimage.gaussian_filter(ref, (0, s, s)), ref, mask) for s in (0.5, 1.0, 2.0)]
+    assert blurred[0] > blurred[1] > blurred[2] and blurred[0] < 1.0
+    assert blurred[2] < 0.7  # sigma 2 voxels halves the edges of real anatomy (measured ~0.51)
+    unsharp = ref + 1.0 * (ref - ndimage.gaussian_filter(ref, (0, 1.0, 1.0)))
+    assert sharpness(unsharp, ref, mask) > 1.2
+    noisy = ref + np.random.default_rng(3).normal(0.0, 0.02, ref.shape)
+    assert 1.0 < sharpness(noisy, ref, mask) < sharpness(ref + 2 * (noisy - ref), ref, mask)
+    # Not symmetric: the blurred image as reference makes the original look sharper.
+    assert sharpness(ref, ndimage.gaussian_filter(ref, (0, 1.0, 1.0)), mask) == pytest.approx(1 / blurred[1])
+
+
+def test_sharpness_is_per_slice_sobel_over_the_eroded_mask(
+    t2: np.ndarray, flair: np.ndarray, brain: np.ndarray
+) -> None:
+    """Against an independent computation: scipy's 2-D Sobel of each z slice alone, and a one-step erosion of
+    each slice by the 7x7 square (= the 3x3 box applied three times)."""
+    pred, ref, mask = flair[BLOCK], t2[BLOCK], brain[BLOCK]
+
+    def magnitude(image: np.ndarray) -> np.ndarray:
+        return np.hypot(ndimage.sobel(image, axis=0), ndimage.sobel(image, axis=1))
+
+    sums, count = np.zeros(2), 0
+    for z in range(ref.shape[0]):
+        keep = ndimage.binary_erosion(mask[z], structure=np.ones((7, 7), dtype=bool))
+        sums += [magnitude(pred[z])[keep].sum(), magnitude(ref[z])[keep].sum()]
+        count += int(keep.sum())
+    assert count > 0.4 * mask.size
+    expected = sums[0] / sums[1]
+    assert sharpness(pred, ref, mask) == pytest.approx(expected, rel=1e-9)
+    assert abs(expected - 1.0) > 0.05  # another contrast: a test that can tell
+    z = 12
+    keep = ndimage.binary_erosion(mask[z], structure=np.ones((7, 7), dtype=bool))
+    assert sharpness(pred[z], ref[z], mask[z]) == pytest.approx(
+        magnitude(pred[z])[keep].mean() / magnitude(ref[z])[keep].mean(), rel=1e-9
+    )
+    # In-plane only: other slices replaced by noise leave a one-slice mask's value at exactly 1 (a 3-D Sobel
+    # smooths across z and would see the noise).
+    scrambled = np.random.default_rng(5).uniform(0.0, 1.0, ref.shape)
+    scrambled[z] = ref[z]
+    one_slice = np.zeros_like(mask)
+    one_slice[z] = mask[z]
+    assert sharpness(scrambled, ref, one_slice) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_sharpness_mask_erosion_and_nan(t2: np.ndarray, brain: np.ndarray) -> None:
+    ref, mask = t2[BLOCK], brain[BLOCK]
+    # Outside the mask nothing counts once the mask is eroded by 1 voxel or more (the Sobel stencil is 3x3);
+    # without erosion the edge against a bright background does.
+    bright_outside = np.where(mask, ref, 1.0)
+    for erode in (1, 3):
+        assert sharpness(bright_outside, ref, mask, erode=erode) == pytest.approx(1.0, abs=1e-12)
+    assert sharpness(bright_outside, ref, mask, erode=0) > 1.05
+    assert sharpness(bright_outside, ref) > 1.05  # no mask: the whole image
+    # The erosion is by the 3x3 box, three times: a 7x7 square keeps its centre, a 6-wide strip or a
+    # diamond of radius 3 (which a cross-shaped erosion would keep) vanishes: NaN, not a number.
+    square = np.zeros_like(mask)
+    square[5, 60:67, 60:67] = True
+    assert math.isfinite(sharpness(ref * 0.5, ref, square))
+    assert sharpness(ref * 0.5, ref, square) == pytest.approx(0.5, rel=1e-12)
+    strip = np.zeros_like(mask)
+    strip[:, 60:66, :] = True
+    assert math.isnan(sharpness(ref, ref, strip))
+    yy, xx = np.mgrid[: ref.shape[1], : ref.shape[2]]
+    diamond = np.zeros_like(mask)
+    diamond[5] = np.abs(yy - 63) + np.abs(xx - 63) <= 3
+    assert math.isnan(sharpness(ref, ref, diamond))
+    assert math.isnan(sharpness(ref, np.full_like(ref, 0.3), mask))  # a flat reference has no gradient
+    with pytest.raises(ValueError, match="shape"):
+        sharpness(ref[:-1], ref)
+    with pytest.raises(ValueError, match="empty"):
+        sharpness(ref, ref, np.zeros_like(mask))
+    with pytest.raises(ValueError, match="erode"):
+        sharpness(ref, ref, mask, erode=-1)
+    with pytest.raises(ValueError, match="2-D"):
+        sharpness(ref[0, 0], ref[0, 0])
+
+
+def test_sharpness_in_image_scores_uses_the_eval_scale(t2: np.ndarray, brain: np.ndarray) -> None:
+    """``phmdiff eval``'s path: the pair on the PSNR/SSIM scale, the mask as given. Each volume is scaled by
+    its own percentile, so a dimmed prediction scores as the undimmed one; on raw values (``none``) the
+    dimming would count."""
+    ref, mask = t2[BLOCK] * 900.0, brain[BLOCK]
+    blurred = ndimage.gaussian_filter(ref, (0, 1.0, 1.0))
+    settings = EvalSettings(("psnr", "sharpness"))
+
+    def score(pred: np.ndarray, norm: str) -> float:
+        scaled = scale_pair(pred, ref, modality="t2w", norm=norm)
+        value = image_scores(scaled, mask, settings)["sharpness"]
+        assert value == pytest.approx(sharpness(scaled.pred, scaled.ref, mask), rel=1e-12)
+        return value
+
+    assert 0.6 < score(blurred, "percentile") < 0.9
+    assert score(0.6 * blurred, "percentile") == pytest.approx(score(blurred, "percentile"), rel=1e-6)
+    assert score(0.6 * blurred, "none") == pytest.approx(0.6 * score(blurred, "none"), rel=1e-9)
+    assert score(ref.copy(), "percentile") == pytest.approx(1.0, abs=1e-6)
+
+
+##################################################################################
 #                     CT: the SynthRAD 2023 conventions                          #
 ##################################################################################
 
@@ -269,8 +383,9 @@ def test_ct_mae_is_unclipped_hu(ct: np.ndarray) -> None:
 
 def test_parse_metrics() -> None:
     assert parse_metrics("PSNR, ssim,ms_ssim,psnr") == ("psnr", "ssim", "ms-ssim")
+    assert parse_metrics("Sharpness,psnr") == ("sharpness", "psnr")
     with pytest.raises(InputError, match="unknown metric.*foo") as error:
         parse_metrics("psnr,foo")
-    assert "ssim2d" in (error.value.hint or "")
+    assert "ssim2d" in (error.value.hint or "") and "sharpness" in (error.value.hint or "")
     with pytest.raises(InputError, match="mixed"):
         parse_metrics("psnr,dice")

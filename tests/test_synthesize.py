@@ -196,6 +196,16 @@ def test_sources_on_other_grids_are_resampled_onto_the_first(
     assert read_volume(out).same_grid(read_volume(t2w), tol=1e-6)
 
 
+def test_sources_matching_no_pair_list_the_models_pairs(data_dir: Path, tmp_path: Path, model: Path,
+                                                        small_t1n: Path) -> None:
+    t2w = crop_z(data_dir / T2W, tmp_path / "case-t2w.nii.gz", 70, 78)
+    out = tmp_path / "out.nii.gz"
+    result = run("--src", small_t1n, "--src", t2w, "--target", "t1c", "-o", out, "--model", model)
+    assert result.exit_code == 2 and not out.exists()
+    message = " ".join(result.output.split())
+    assert "not trained for t1n+t2w:t1c" in message and "t1n:t2w, t1n+t2w:t2f, pd:t1n, mr:ct" in message
+
+
 def test_progress_messages_and_quiet(small_t1n: Path, tmp_path: Path, model: Path) -> None:
     loud = run("--src", small_t1n, "--target", "t2w", "-o", tmp_path / "a.nii.gz", "--model", model,
                "--steps", "1", "--batch-size", "2")  # the estimate comes after a first batch, not the last

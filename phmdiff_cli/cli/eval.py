@@ -192,7 +192,8 @@ def evaluate(
     metrics: str = typer.Option(
         "psnr,ssim,mae",
         "--metrics",
-        help="Comma-separated: psnr, ssim, ssim2d, ms-ssim, ms-ssim2d, mae, mse, nmse; "
+        help="Comma-separated: psnr, ssim, ssim2d, ms-ssim, ms-ssim2d, mae, mse, nmse, sharpness "
+        "(mean in-plane Sobel gradient of pred / ref inside the mask eroded by 3 voxels; 1 = as sharp); "
         "or dice, hd95 for label maps.",
     ),
     mask: str = typer.Option(
@@ -233,7 +234,8 @@ def evaluate(
     force: bool = typer.Option(False, "--force", help="Overwrite the --csv file."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
-    """Compare predictions with references: PSNR, SSIM, MS-SSIM, MAE, MSE, NMSE; Dice, HD95 for label maps.
+    """Compare predictions with references: PSNR, SSIM, MS-SSIM, MAE, MSE, NMSE, sharpness; Dice, HD95 for
+    label maps.
 
     Results go to stdout (a table with mean, std, median; or --json); logs go to stderr.
 

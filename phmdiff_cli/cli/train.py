@@ -40,11 +40,11 @@ def _pairs(pairs: str | None, source: str | None, target: str | None) -> str | N
 
 @cli_command
 def train(
-    data: Path | None = typer.Option(
+    data: list[Path] | None = typer.Option(
         None,
         "--data",
         help="Dataset folder (BraTS 2021/2023, SynthRAD, nnU-Net "
-        "layouts) or a CSV manifest (columns subject, modality, path).",
+        "layouts) or a CSV manifest (columns subject, modality, path); repeat it to train on several.",
     ),
     pairs: str | None = typer.Option(
         None,
@@ -100,9 +100,10 @@ def train(
         None, "--context", help="Neighbouring source slices on each side (2.5D). (default: 1)"
     ),
     source_norm: str | None = typer.Option(
-        None, "--source-norm", metavar="percentile|rank",
+        None, "--source-norm", metavar="percentile|rank|foreground-rank",
         help="MRI sources as prepared (percentile) or by their rank in their volume's foreground (rank: the same "
-        "for any scanner's monotone intensities). (default: the size's)",
+        "for any scanner's monotone intensities; foreground-rank: the darkest foreground at -0.5, apart from "
+        "the background's -1). (default: the size's)",
     ),
     batch_size: int | None = typer.Option(
         None, "--batch-size", help=f"Slices per step and process. {_default('batch_size')}"
@@ -133,7 +134,8 @@ def train(
     val_subjects: str | None = typer.Option(
         None,
         "--val-subjects",
-        help="Validation subject IDs, comma-separated. (default: a seeded --val-fraction of the subjects)",
+        help="Validation subject IDs, comma-separated. (default: a seeded --val-fraction of each --data "
+        "folder's subjects, at least one of each folder with two or more)",
     ),
     val_fraction: float | None = typer.Option(
         None, "--val-fraction", help=f"Fraction of subjects for validation. {_default('val_fraction')}"
@@ -145,10 +147,10 @@ def train(
         None, "--val-slices", help=f"Slices per validation subject and pair. {_default('val_slices')}"
     ),
     val_steps: int | None = typer.Option(
-        None, "--val-steps", help=f"Sampler steps per level in validation. {_default('val_steps')}"
+        None, "--val-steps", help="Sampler steps per level in validation. (default: the model's own, as its card ships)"
     ),
     val_sampler: str | None = typer.Option(
-        None, "--val-sampler", help=f"Validation sampler: euler or heun. {_default('val_sampler')}"
+        None, "--val-sampler", help="Validation sampler: euler or heun. (default: the model's own)"
     ),
     checkpoint_every: int | None = typer.Option(
         None, "--checkpoint-every", help=f"Steps between checkpoints. {_default('checkpoint_every')}"
@@ -219,7 +221,7 @@ def train(
     from phmdiff_cli.engine.trainer import train as run_training
 
     flags = _explicit(
-        data=None if data is None else str(data),
+        data=None if not data else [str(d) for d in data] if len(data) > 1 else str(data[0]),
         pairs=_pairs(pairs, source, target),
         cache_dir=None if cache_dir is None else str(cache_dir),
         val_subjects=None

@@ -33,7 +33,7 @@ from phmdiff_cli.errors import InputError
 __all__ = ["CACHE_VERSION", "CachedSubject", "cache_key", "cache_subject"]
 
 #: Bump when preprocessing changes meaning, so old cache entries are not reused.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 _META = "meta.json"
 
 

@@ -22,7 +22,7 @@ import csv
 import json
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +36,7 @@ __all__ = [
     "Subject",
     "Dataset",
     "discover",
+    "combine",
     "output_path",
     "is_image_file",
 ]
@@ -45,6 +46,8 @@ LAYOUTS = ("synthrad", "brats2023", "brats2021", "nnunet", "csv")
 LABEL_KEY = "seg"
 MASK_KEY = "mask"
 _LABEL_NAMES = {"seg", "label", "labels"}
+#: File-name tokens of brain/body masks (BraTS 2013 as released for DeepMedic: ``ID-brainmask.nii.gz``).
+_MASK_NAMES = {"mask", "brainmask", "brain_mask", "brain-mask"}
 _EXTENSIONS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
 _SYN = re.compile(r"^(?P<base>.+)_syn(?P<variant>\d*)$")
 #: BraTS 2021 spelling of the canonical modalities (others keep their canonical name).
@@ -84,6 +87,7 @@ class Dataset:
         extension: file extension of the images (``.nii.gz``), used to write new files alike.
         channels: nnU-Net only: canonical modality -> channel index.
         manifest: ``csv`` only: the manifest file.
+        parts: a :func:`combine` of several datasets only: the datasets combined (``root`` is the first's).
     """
 
     root: Path
@@ -92,6 +96,19 @@ class Dataset:
     extension: str = ".nii.gz"
     channels: dict[str, int] = field(default_factory=dict)
     manifest: Path | None = None
+    parts: tuple[Dataset, ...] = ()
+
+    @property
+    def folders(self) -> tuple[Path, ...]:
+        """The dataset folders (or manifests) the subjects come from, in the order given."""
+        return tuple(p.manifest or p.root for p in self.parts) or (self.manifest or self.root,)
+
+    def folder_of(self, subject_id: str) -> Path:
+        """The dataset folder (or manifest) a subject comes from (KeyError if absent)."""
+        for part in self.parts or (self,):
+            if any(s.id == subject_id for s in part.subjects):
+                return part.manifest or part.root
+        raise KeyError(subject_id)
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -157,6 +174,39 @@ def discover(root: Path, manifest: Path | None = None) -> Dataset:
     return _discover_folders(root)
 
 
+def combine(datasets: Sequence[Dataset]) -> Dataset:
+    """One dataset of the subjects of several (one is returned as it is); the layout is theirs if they share
+    one, else ``mixed``.
+
+    Raises:
+        InputError: the same subject id in two datasets, or the same folder given twice.
+    """
+    if len(datasets) == 1:
+        return datasets[0]
+    seen: dict[str, Path] = {}
+    for part in datasets:
+        where = part.manifest or part.root
+        if where.resolve() in {p.resolve() for p in seen.values()}:
+            raise InputError("dataset folder given twice", path=where)
+        for subject in part.subjects:
+            if subject.id in seen:
+                raise InputError(
+                    f"subject {subject.id} is also in {seen[subject.id]}",
+                    path=where,
+                    hint="subject ids must be unique across the --data folders",
+                )
+        seen.update({subject.id: where for subject in part.subjects})
+    layouts = {part.layout for part in datasets}
+    subjects = tuple(sorted((s for part in datasets for s in part.subjects), key=lambda s: s.id))
+    return Dataset(
+        datasets[0].root,
+        layouts.pop() if len(layouts) == 1 else "mixed",
+        subjects,
+        extension=_common_extension(subjects),
+        parts=tuple(datasets),
+    )
+
+
 ##################################################################################
 #                               Subject folders                                  #
 ##################################################################################
@@ -177,7 +227,7 @@ def _key(token: str, path: Path) -> str:
     token = token.lower()
     if token in _LABEL_NAMES:
         return LABEL_KEY
-    if token == MASK_KEY:
+    if token in _MASK_NAMES:
         return MASK_KEY
     try:
         return canonical_modality(token)

@@ -25,6 +25,7 @@ from phmdiff_cli.data.normalize import (
 )
 from phmdiff_cli.errors import InputError
 from phmdiff_cli.io import Volume, canonical_grid, from_canonical, read_volume, to_canonical
+from phmdiff_cli.modalities import is_ct
 
 __all__ = ["Prepared", "prepare_volume", "restore_volume", "resample_onto", "load_subject"]
 
@@ -56,8 +57,8 @@ def prepare_volume(
         volume: the image in file units (CT: HU).
         grid: the model grid.
         modality: canonical modality; default ``volume.modality``.
-        mask: optional body/brain mask on the same grid as ``volume``: intensities are fitted inside it and it
-            defines the foreground.
+        mask: optional body/brain mask on the same grid as ``volume``: intensities are fitted inside it, it
+            defines the foreground, and MRI voxels outside it become background.
 
     Raises:
         InputError: the modality is unknown, or the mask is on another grid.
@@ -79,6 +80,8 @@ def prepare_volume(
     raw = canonical.array.astype(np.float32, copy=False)
     fg = to_canonical(mask).array > 0 if mask is not None else foreground_mask(raw, modality)
     params = fit_intensity(raw, modality, fg if mask is not None else None)
+    if mask is not None and not is_ct(modality):  # a brain mask: what lies outside it is background
+        raw = np.where(fg, raw, np.float32(params.lo))
     slices, transform = to_model_grid(
         canonical.with_array(to_model_range(raw, params)), grid, background=MODEL_BACKGROUND
     )

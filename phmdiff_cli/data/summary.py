@@ -44,6 +44,7 @@ class DatasetSummary:
     layout: str
     subjects: int
     images: tuple[ImageInfo, ...]
+    folders: tuple[Path, ...] = ()
 
     def by_key(self) -> dict[str, dict[str, Any]]:
         """Per modality (and seg/mask): number of files, distinct sizes ``(x, y, z)`` and spacings (mm)."""
@@ -61,6 +62,7 @@ class DatasetSummary:
         """JSON-ready summary for a model card (no per-file list)."""
         return {
             "root": str(self.root),
+            **({"folders": [str(f) for f in self.folders]} if len(self.folders) > 1 else {}),
             "layout": self.layout,
             "subjects": self.subjects,
             "modalities": {
@@ -71,7 +73,8 @@ class DatasetSummary:
 
     def table(self) -> Table:
         """A rich table: modality, files, sizes and spacings, for ``train`` to print."""
-        table = Table(title=f"{self.subjects} subjects ({self.layout} layout) in {self.root}")
+        where = ", ".join(map(str, self.folders or (self.root,)))
+        table = Table(title=f"{self.subjects} subjects ({self.layout} layout) in {where}")
         for column in ("modality", "files", "synthetic", "size (x, y, z)", "spacing mm (x, y, z)"):
             table.add_column(column)
         for key, v in sorted(self.by_key().items()):
@@ -109,4 +112,4 @@ def summary(dataset: Dataset) -> DatasetSummary:
         files += [(k, p, True) for k, paths in subject.synthetic.items() for p in paths]
         for key, path, synthetic in files:
             infos.append(ImageInfo(subject.id, key, path, *_header(path), synthetic=synthetic))
-    return DatasetSummary(dataset.root, dataset.layout, len(dataset.subjects), tuple(infos))
+    return DatasetSummary(dataset.root, dataset.layout, len(dataset.subjects), tuple(infos), dataset.folders)

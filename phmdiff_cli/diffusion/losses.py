@@ -81,9 +81,13 @@ def training_loss(
     scalings, noisy_x, inputs, labels = [], [], [], []
     for level in levels:
         sigma = sample_sigma(b, dcfg.p_mean, dcfg.p_std, device=device, generator=generator)
+        start = cfg.sampling.sigma_max
+        if level > 0 and dcfg.refine_sigma > 0:  # a finer level starting to sample there never sees more
+            start = dcfg.refine_sigma
+            sigma = sigma.clamp(max=start)
         if dcfg.p_sigma_max > 0:
             top = torch.rand(b, device=device, generator=generator) < dcfg.p_sigma_max
-            sigma = torch.where(top, torch.full_like(sigma, cfg.sampling.sigma_max), sigma)
+            sigma = torch.where(top, torch.full_like(sigma, start), sigma)
         c_skip, c_out, c_in, c_noise = precondition(sigma, dcfg.sigma_data)
         x = targets[level] + sigma.reshape(-1, 1, 1, 1) * torch.randn(
             targets[level].shape, device=device, generator=generator)

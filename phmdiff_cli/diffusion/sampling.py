@@ -37,7 +37,8 @@ def sample(
     generator: torch.Generator | None = None,
     samples: int = 1,
 ) -> tuple[Tensor, Tensor | None]:
-    """Synthesize target slices, coarse to fine, with the deterministic EDM ODE solver.
+    """Synthesize target slices, coarse to fine, with the deterministic EDM ODE solver (the finer levels from
+    the coarser sample noised to ``DiffusionConfig.refine_sigma`` when it is set, else from pure noise).
 
     Run it under :func:`phmdiff_cli.engine.device.autocast` for mixed precision; the sampler state stays
     float32. The loop makes no host-device synchronisation (noise levels are Python floats, no ``.item()``).
@@ -77,12 +78,15 @@ def sample(
     sources = image_pyramid(source.repeat(repeat), cfg.levels)
     src_mod, tgt_mod = src_mod.repeat(samples, 1), tgt_mod.repeat(samples)
 
-    scheduler = EDMScheduler(sampler or cfg.sampling.sampler, cfg.sampling.sigma_min, cfg.sampling.sigma_max,
-                             cfg.sampling.rho)
+    solver, sampling, refine = sampler or cfg.sampling.sampler, cfg.sampling, cfg.diffusion.refine_sigma
+    schedulers = [EDMScheduler(solver, sampling.sigma_min, refine if level and refine else sampling.sigma_max,
+                               sampling.rho) for level in range(cfg.levels)]
     coarse: Tensor | None = None
-    for level in range(cfg.levels):
+    for level, scheduler in enumerate(schedulers):
         scheduler.set_timesteps(steps_per_level[level])
         x = noises[level] * scheduler.init_noise_sigma
+        if level and refine:  # SDEdit: the finer level starts from the coarser sample, noised
+            x = x + coarse
         for sigma in scheduler.timesteps:
             sigmas = torch.full((x.shape[0],), sigma, device=device)
             denoised = denoise(model, x, sigmas, sources[level], coarse, src_mod, tgt_mod, level=level)

@@ -15,7 +15,7 @@ import torch
 
 from phmdiff_cli.config import ModelConfig
 from phmdiff_cli.data.grid import ModelGrid
-from phmdiff_cli.data.normalize import CT_WINDOW_HU, MRI_PERCENTILE
+from phmdiff_cli.data.normalize import CT_WINDOW_HU, MRI_PERCENTILE, RANK_FLOOR
 from phmdiff_cli.data.slices import Pair
 from phmdiff_cli.engine.checkpoint import load_model
 from phmdiff_cli.engine.hub import resolve_model
@@ -46,7 +46,8 @@ def build_card(config: ModelConfig, pairs: Sequence[Pair], *, training: dict[str
                    "mapped to [-1, 1]; synthesized MRI is written on the first source's scale",
             "ct": f"Hounsfield units clipped to {list(CT_WINDOW_HU)} and mapped linearly to [-1, 1]",
             **({"mri_sources": "then each source voxel replaced by its quantile in its volume's foreground, "
-                               "mapped to [-1, 1]"} if config.source_norm == "rank" else {}),
+                               f"mapped to [{RANK_FLOOR[config.source_norm]:g}, 1] (background -1)"}
+               if config.source_norm in RANK_FLOOR else {}),
         },
         "training": training or {},
         "metrics": metrics or {},

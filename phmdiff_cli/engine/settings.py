@@ -61,11 +61,12 @@ class TrainSettings:
     """Everything ``phmdiff train`` needs (JSON keys of ``--config`` and of ``train_config.json``).
 
     Data:
-        data: dataset folder or CSV manifest. pairs: ``"t1n:t2w,t2w:t2f"`` (source[+source]:target).
-        cache_dir: preprocessing cache (default ``<out>/cache``). val_subjects: validation subject ids (else a
-        seeded ``val_fraction`` of the subjects). skip_incomplete: train without subjects that serve no pair
-        (else an error). resample: resample images on another grid onto the target's. augment: flips and
-        source intensity jitter; with it, rotate (degrees) and zoom (fraction): random in-plane pose.
+        data: dataset folder or CSV manifest, or a list of them (trained on together). pairs:
+        ``"t1n:t2w,t2w:t2f"`` (source[+source]:target). cache_dir: preprocessing cache (default
+        ``<out>/cache``). val_subjects: validation subject ids (else a seeded ``val_fraction`` of each dataset
+        folder's subjects). skip_incomplete: train without subjects that serve no pair (else an error).
+        resample: resample images on another grid onto the target's. augment: flips and source intensity
+        jitter; with it, rotate (degrees) and zoom (fraction): random in-plane pose.
     Model:
         init: start from this model's weights (a ``--model`` spec); its config is kept, so the model settings
         below must be left at their defaults. size: ``tiny``, ``small``, ``base``, ``large``. spacing: model
@@ -82,15 +83,15 @@ class TrainSettings:
         the checkpoint). ema_decay: EMA decay (saved models are EMA weights).
     Evaluation and checkpoints:
         val_every: steps between validations. val_slices: slices per validation subject and pair.
-        val_steps, val_sampler: sampler steps per level and sampler for validation (Euler: one network
-        evaluation per step, and stable with few steps where Heun can overshoot). checkpoint_every,
+        val_steps, val_sampler: sampler steps per level and sampler for validation (None: the model's own
+        sampling, what its card ships, so ``best/`` is chosen as it will be used). checkpoint_every,
         checkpoint_minutes: checkpoint intervals (whichever comes first). log_every: steps between
         metrics-log lines.
     Hardware and reproducibility:
         seed, device, precision, compile, num_workers (None: 0 on the CPU, else up to 8).
     """
 
-    data: str | None = None
+    data: str | list[str] | None = None
     pairs: str | None = None
     cache_dir: str | None = None
     val_subjects: list[str] | None = None
@@ -122,8 +123,8 @@ class TrainSettings:
     ema_decay: float = 0.999
     val_every: int = 1000
     val_slices: int = 8
-    val_steps: int = 4
-    val_sampler: str = "euler"
+    val_steps: int | None = None
+    val_sampler: str | None = None
     checkpoint_every: int = 1000
     checkpoint_minutes: float = 10.0
     log_every: int = 20
@@ -135,6 +136,11 @@ class TrainSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def data_folders(self) -> list[str]:
+        """``data`` as a list (empty when not given)."""
+        return [self.data] if isinstance(self.data, str) else list(self.data or [])
 
     @property
     def step_budget(self) -> int | None:
@@ -196,7 +202,7 @@ class TrainSettings:
                 raise _bad(name, value, "must be in [0, 1)")
         if not 0.0 <= self.lr_cooldown <= 1.0:
             raise _bad("lr_cooldown", self.lr_cooldown, "must be in [0, 1]")
-        if self.val_sampler not in ("euler", "heun"):
+        if self.val_sampler not in (None, "euler", "heun"):
             raise _bad("val_sampler", self.val_sampler, "must be euler or heun")
         for name in (
             "cgr_pixel",

@@ -17,7 +17,7 @@ from rich.markup import escape
 
 from phmdiff_cli.config import ModelConfig
 from phmdiff_cli.data.grid import GridCropWarning, ModelGrid
-from phmdiff_cli.data.layouts import Dataset, Subject, discover
+from phmdiff_cli.data.layouts import Dataset, Subject, combine, discover
 from phmdiff_cli.data.slices import Augment, Pair, SliceDataset, parse_pairs, split_subjects
 from phmdiff_cli.data.summary import DatasetSummary, summary
 from phmdiff_cli.engine.settings import TrainSettings
@@ -67,6 +67,14 @@ def _usable_subjects(dataset: Dataset, pairs: tuple[Pair, ...], skip_incomplete:
                     hint=f"modalities found: {', '.join(sorted(found)) or 'none'}",
                 )
     usable = [s for s in dataset.subjects if any(_complete(s, p) for p in pairs)]
+    for part in dataset.parts:  # several --data folders: each must serve a pair
+        if not any(_complete(s, p) for s in part.subjects for p in pairs):
+            raise InputError(
+                "no subject of this folder has all the images of a pair",
+                path=part.manifest or part.root,
+                hint=f"its modalities: {', '.join(part.modalities) or 'none'}; pairs: "
+                f"{', '.join(map(str, pairs))}",
+            )
     incomplete = [s for s in dataset.subjects if s not in usable]
     if incomplete and not skip_incomplete:
         first = incomplete[0]
@@ -109,11 +117,19 @@ def _check_grids(data_summary: DatasetSummary, subjects: list[Subject], pairs: t
                 )
 
 
-def _split(settings: TrainSettings, ids: list[str]) -> tuple[list[str], list[str], str]:
-    """Train and validation ids, and how they were chosen."""
+def _split(settings: TrainSettings, dataset: Dataset, ids: list[str]) -> tuple[list[str], list[str], str]:
+    """Train and validation ids, and how they were chosen: ``--val-subjects``, else a seeded split of each
+    dataset folder's subjects (so every folder of two or more subjects has a validation subject)."""
     if settings.val_subjects is None:
-        train_ids, val_ids = split_subjects(ids, val_fraction=settings.val_fraction, seed=settings.seed)
-        return train_ids, val_ids, f"seeded split: val_fraction {settings.val_fraction}, seed {settings.seed}"
+        train_ids: list[str] = []
+        val_ids: list[str] = []
+        for folder in dataset.folders:
+            ours = [sid for sid in ids if dataset.folder_of(sid) == folder]
+            train, val = split_subjects(ours, val_fraction=settings.val_fraction, seed=settings.seed)
+            train_ids += train
+            val_ids += val
+        rule = f"seeded split: val_fraction {settings.val_fraction}, seed {settings.seed}"
+        return sorted(train_ids), sorted(val_ids), rule + (" per folder" if dataset.parts else "")
     unknown = sorted(set(settings.val_subjects) - set(ids))
     if unknown:
         raise InputError(
@@ -128,19 +144,20 @@ def _split(settings: TrainSettings, ids: list[str]) -> tuple[list[str], list[str
 
 
 def load_data(settings: TrainSettings, *, split: dict[str, Any] | None = None) -> TrainData:
-    """Discover and check the dataset of ``settings`` and split its subjects (or reuse a saved ``split``).
+    """Discover and check the dataset (or datasets, combined) of ``settings`` and split its subjects (or reuse
+    a saved ``split``).
 
     Raises:
         InputError: see :func:`~phmdiff_cli.data.layouts.discover`, unknown or missing modalities, incomplete
             subjects, images on different grids (without ``resample``), bad validation subjects.
     """
-    if not settings.data or not settings.pairs:
+    if not settings.data_folders or not settings.pairs:
         raise InputError(
             "--data and --pairs (or --source and --target) are required",
             hint="e.g. phmdiff train --data ./brats --pairs t1n:t2w --out runs/brain",
         )
     pairs = parse_pairs(settings.pairs)
-    dataset = discover(Path(settings.data))
+    dataset = combine([discover(Path(folder)) for folder in settings.data_folders])
     data_summary = summary(dataset)
     usable = _usable_subjects(dataset, pairs, settings.skip_incomplete)
     if not settings.resample:
@@ -150,7 +167,7 @@ def load_data(settings: TrainSettings, *, split: dict[str, Any] | None = None) -
         return TrainData(
             dataset, data_summary, pairs, list(split["train"]), list(split["val"]), split["rule"]
         )
-    return TrainData(dataset, data_summary, pairs, *_split(settings, ids))
+    return TrainData(dataset, data_summary, pairs, *_split(settings, dataset, ids))
 
 
 def slice_dataset(

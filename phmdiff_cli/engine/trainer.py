@@ -448,12 +448,14 @@ class Trainer:
         if not self.info.is_main or self.val_set is None or self.ema is None:
             return
         s, state = self.settings, self.state
+        steps = [s.val_steps] * self.config.levels if s.val_steps else list(self.config.sampling.steps)
+        sampler = s.val_sampler or self.config.sampling.sampler
         result: Validation = validate(
             self.ema.module,
             self.val_set,
             self.val_keys,
-            steps=s.val_steps,
-            sampler=s.val_sampler,
+            steps=steps,
+            sampler=sampler,
             batch_size=2 * s.batch_size,
             device=self.device,
             dtype=self.dtype,
@@ -462,7 +464,9 @@ class Trainer:
         preview = self.run.samples / f"step-{state.step:07d}.png"
         self.run.samples.mkdir(exist_ok=True)
         write_preview(preview, result.preview)
-        state.val = finite({"step": state.step, "mean": result.mean, "pairs": result.pairs})
+        state.val = finite(
+            {"step": state.step, "mean": result.mean, "pairs": result.pairs, "subjects": result.subjects}
+        )
         ssim = result.mean["ssim"]
         best = math.isfinite(ssim) and (state.best_ssim is None or ssim > state.best_ssim)
         if best:
@@ -473,14 +477,17 @@ class Trainer:
                 "step": state.step,
                 "elapsed_s": round(clock.elapsed(), 3),
                 "val": state.val,
+                "sampler": {"name": sampler, "steps": steps},
                 "best": best,
                 "preview": str(preview.relative_to(self.run.root)),
             }
         )
-        pairs = ", ".join(f"{k} {v['psnr']:.2f}/{v['ssim']:.3f}" for k, v in result.pairs.items())
+        pairs = ", ".join(f"{k} {_scores(v)}" for k, v in result.pairs.items())
+        subjects = ", ".join(f"{k} {_scores(v['mean'])}" for k, v in result.subjects.items())
         self.say(
-            f"Step {state.step}: validation PSNR {result.mean['psnr']:.2f} dB, SSIM {ssim:.4f} "
-            f"({pairs}){' [bold green]best[/]' if best else ''}"
+            f"Step {state.step}: validation PSNR {result.mean['psnr']:.2f} dB, SSIM {ssim:.4f}, sharpness "
+            f"{result.mean['sharpness']:.2f}{' [bold green]best[/]' if best else ''}\n  pairs: {pairs}\n"
+            f"  subjects: {subjects}"
         )
 
     def _card(self) -> dict[str, Any]:
@@ -511,7 +518,11 @@ class Trainer:
         metrics = (
             {}
             if state.val is None
-            else {"val": {**state.val["pairs"], "mean": state.val["mean"]}, "val_step": state.val["step"]}
+            else {
+                "val": {**state.val["pairs"], "mean": state.val["mean"]},
+                "val_subjects": state.val.get("subjects", {}),
+                "val_step": state.val["step"],
+            }
         )
         return build_card(self.config, self.data.pairs, training=training, metrics=metrics)
 
@@ -543,6 +554,11 @@ class Trainer:
 ##################################################################################
 #                                   Entry point                                  #
 ##################################################################################
+
+
+def _scores(metrics: dict[str, float]) -> str:
+    """``PSNR/SSIM/sharpness`` of a metrics dict, compactly."""
+    return f"{metrics['psnr']:.2f}/{metrics['ssim']:.3f}/{metrics.get('sharpness', math.nan):.2f}"
 
 
 def _describe(trainer: Trainer) -> str:

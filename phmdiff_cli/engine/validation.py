@@ -6,14 +6,16 @@ comparable; a few sampler steps per level keep it cheap. Metrics follow ``phmdif
 target modality (:func:`~phmdiff_cli.metrics.evaluate.resolve_norm` ``auto``: the percentile scale for MRI,
 the SynthRAD CT window for CT) inside the reference's automatic foreground mask. Because the slices of the
 subset are not neighbours, SSIM is the 2-D SSIM per slice averaged over slices (``ssim2d`` of ``phmdiff
-eval``), reported here as ``ssim``.
+eval``), reported here as ``ssim``; sharpness is ``phmdiff eval``'s (in-plane gradients, prediction over
+reference). Metrics are kept per validation subject and averaged per pair, then over pairs: the run is
+never judged on one brain.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +29,12 @@ from phmdiff_cli.diffusion import sample
 from phmdiff_cli.engine.device import autocast
 from phmdiff_cli.io.atomic import atomic_path
 from phmdiff_cli.metrics.evaluate import EvalSettings, auto_mask, image_scores, resolve_norm, scale_pair
+from phmdiff_cli.modalities import is_ct
 
 __all__ = ["VAL_METRICS", "Validation", "fixed_subset", "item_scores", "validate", "write_preview"]
 
 #: ``phmdiff eval`` metric names used, and the names they are logged under.
-VAL_METRICS = {"psnr": "psnr", "ssim2d": "ssim"}
+VAL_METRICS = {"psnr": "psnr", "ssim2d": "ssim", "sharpness": "sharpness"}
 #: Preview tiles are upscaled (nearest) to at least this many pixels a side.
 _PREVIEW_MIN_TILE = 128
 
@@ -41,14 +44,22 @@ class Validation:
     """What one evaluation found.
 
     Attributes:
-        pairs: ``"t1n:t2w"`` -> ``{"psnr": dB, "ssim": ...}``, averaged over the validation subjects.
-        mean: the same metrics averaged over the pairs.
+        pairs: ``"t1n:t2w"`` -> ``{"psnr": dB, "ssim": ..., "sharpness": ...}``, averaged over the validation
+            subjects having the pair.
+        mean: the same metrics averaged over the pairs (each pair counts once).
+        subjects: subject id -> pair -> metrics, and under ``"mean"`` that subject's mean over its pairs.
         preview: rows ``(label, source, synthesized, real)`` of ``(H, W)`` model-range slices.
     """
 
     pairs: dict[str, dict[str, float]]
     mean: dict[str, float]
+    subjects: dict[str, dict[str, dict[str, float]]]
     preview: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]
+
+
+def _mean(rows: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Metric-wise mean of score dicts (NaN for none)."""
+    return {m: float(np.mean([r[m] for r in rows])) if rows else math.nan for m in VAL_METRICS.values()}
 
 
 def fixed_subset(dataset: SliceDataset, per_item: int) -> list[SampleKey]:
@@ -100,20 +111,31 @@ def _synthesize(
 
 
 def item_scores(
-    dataset: SliceDataset, item: int, slices: list[dict[str, np.ndarray]]
+    dataset: SliceDataset,
+    item: int,
+    pred: np.ndarray,
+    real: np.ndarray,
+    metrics: Mapping[str, str] = VAL_METRICS,
 ) -> dict[str, float] | None:
-    """Metrics of one (subject, pair) item's slices, as ``phmdiff eval`` computes them on file-unit volumes;
-    None when the reference has no foreground."""
+    """Metrics of one (subject, pair) item's slices, as ``phmdiff eval`` computes them on file-unit volumes
+    (the MRI background at 0); None when the reference has no foreground.
+
+    Args:
+        dataset: the validation slices. item: the (subject, pair) index.
+        pred, real: float32 ``(n, H, W)`` model-range slices of that item (the whole volume for 3-D metrics).
+        metrics: ``phmdiff eval`` metric name -> the name it is reported under.
+    """
     subject, pair = dataset.items[item]
     params = dataset.subjects[subject].params[pair.target]
-    pred = from_model_range(np.stack([s["pred"] for s in slices]), params)
-    real = from_model_range(np.stack([s["real"] for s in slices]), params)
+    if not is_ct(pair.target):  # MRI background at 0 (a z-scored volume's fill too), as eval expects
+        params = replace(params, lo=0.0, hi=params.hi - params.lo)
+    pred, real = from_model_range(pred, params), from_model_range(real, params)
     mask = auto_mask(real, pair.target)
     if not mask.any():
         return None
     scaled = scale_pair(pred, real, modality=pair.target, norm=resolve_norm("auto", pair.target))
-    scores = image_scores(scaled, mask, EvalSettings(metrics=tuple(VAL_METRICS)))
-    return {VAL_METRICS[name]: value for name, value in scores.items()}
+    scores = image_scores(scaled, mask, EvalSettings(metrics=tuple(metrics)))
+    return {metrics[name]: value for name, value in scores.items()}
 
 
 def validate(
@@ -154,26 +176,24 @@ def validate(
         seed=seed,
     )
     per_pair: dict[str, list[dict[str, float]]] = {}
+    subjects: dict[str, dict[str, dict[str, float]]] = {}
     preview: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] = []
     shown: set[str] = set()
-    for item, (_, pair) in enumerate(dataset.items):
-        item_keys = [k for k in keys if k[0] == item]
-        slices = [results[k] for k in item_keys]
-        scores = item_scores(dataset, item, slices) if slices else None
+    for item, (subject, pair) in enumerate(dataset.items):
+        slices = [results[k] for k in keys if k[0] == item]
+        stacked = {name: np.stack([s[name] for s in slices]) for name in ("pred", "real")} if slices else None
+        scores = item_scores(dataset, item, stacked["pred"], stacked["real"]) if stacked else None
         if scores is not None:
             per_pair.setdefault(str(pair), []).append(scores)
+            subjects.setdefault(dataset.subjects[subject].id, {})[str(pair)] = scores
         if str(pair) not in shown and slices:
             shown.add(str(pair))
             step = max(1, len(slices) // preview_rows)
             preview += [(str(pair), s["source"], s["pred"], s["real"]) for s in slices[::step][:preview_rows]]
-    pairs = {
-        name: {m: float(np.mean([s[m] for s in rows])) for m in VAL_METRICS.values()}
-        for name, rows in per_pair.items()
-    }
-    mean = {
-        m: float(np.mean([p[m] for p in pairs.values()])) if pairs else math.nan for m in VAL_METRICS.values()
-    }
-    return Validation(pairs, mean, preview)
+    pairs = {name: _mean(rows) for name, rows in per_pair.items()}
+    for found in subjects.values():
+        found["mean"] = _mean(list(found.values()))
+    return Validation(pairs, _mean(list(pairs.values())), subjects, preview)
 
 
 def _to_uint8(tile: np.ndarray, scale: int) -> np.ndarray:

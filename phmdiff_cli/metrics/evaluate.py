@@ -15,7 +15,10 @@ Conventions (every one explicit, reported with the results):
 
 Masks: a file (non-zero voxels), ``auto`` (:func:`auto_mask` of the reference) or none. Inside a mask, MAE,
 MSE, NMSE and PSNR use the mask voxels only; SSIM and MS-SSIM average their maps over the mask after setting
-the outside to the background (:mod:`phmdiff_cli.metrics.image`).
+the outside to the background (:mod:`phmdiff_cli.metrics.image`). Sharpness is the mean in-plane (per ``z``
+slice, as ``ssim2d``) Sobel gradient magnitude of the prediction over the reference's, both on the PSNR/SSIM
+scale, averaged over the mask eroded by 3 voxels in ``y`` and ``x`` (whole image without a mask); NaN (null in
+JSON) when nothing of the mask survives the erosion.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ __all__ = [
     "METRICS",
     "NORMS",
     "DEFAULT_METRICS",
+    "SHARPNESS_ERODE",
     "EvalSettings",
     "parse_metrics",
     "resolve_norm",
@@ -58,7 +62,10 @@ IMAGE_METRICS: dict[str, str] = {
     "mae": "mean absolute error (CT: HU)",
     "mse": "mean squared error (CT: HU^2)",
     "nmse": "normalised MSE, sum((pred-ref)^2) / sum(ref^2)",
+    "sharpness": "mean in-plane Sobel gradient magnitude, pred / ref, mask eroded by 3 voxels (1 = as sharp)",
 }
+#: In-plane erosion (voxels) of the mask for ``sharpness``: keeps the mask/background edge out of the means.
+SHARPNESS_ERODE = 3
 #: Label-map metrics, reported per label as ``dice_<label>``, ``hd95_<label>``.
 LABEL_METRICS: dict[str, str] = {
     "dice": "Dice overlap per label",
@@ -225,6 +232,7 @@ def image_scores(scaled: Scaled, mask: np.ndarray | None, settings: EvalSettings
         "mae": lambda: image.mae(s.pred_error, s.ref_error, mask),
         "mse": lambda: image.mse(s.pred_error, s.ref_error, mask),
         "nmse": lambda: image.nmse(s.pred_error, s.ref_error, mask),
+        "sharpness": lambda: image.sharpness(s.pred, s.ref, mask, erode=SHARPNESS_ERODE),
     }
     for name in settings.metrics:
         try:
