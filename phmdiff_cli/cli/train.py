@@ -131,6 +131,9 @@ def train(
         help=f"Last fraction of the budget trained unmasked (MaskDiT). {_default('finetune_fraction')}",
     ),
     ema_decay: float | None = typer.Option(None, "--ema-decay", help=f"EMA decay. {_default('ema_decay')}"),
+    grad_clip: float | None = typer.Option(
+        None, "--grad-clip", help="Largest gradient norm; 0: none. (default: 1.0 in fp16, else none)"
+    ),
     val_subjects: str | None = typer.Option(
         None,
         "--val-subjects",
@@ -251,6 +254,7 @@ def train(
         minutes=minutes,
         finetune_fraction=finetune_fraction,
         ema_decay=ema_decay,
+        grad_clip=grad_clip,
         val_every=val_every,
         val_slices=val_slices,
         val_steps=val_steps,

@@ -8,6 +8,7 @@ that context for training and for synthesis alike, so both see the same input.
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,10 @@ __all__ = [
 
 #: Memory maps kept open per process (each holds a file descriptor).
 _MAX_OPEN_MAPS = 256
+#: Ranked source volumes kept in memory per process (each DataLoader worker has its own): the least recently used
+#: go first past this many bytes, so host memory stays bounded however large the dataset (a 240 x 240 x 155
+#: volume is 18 MB in float16: 29 of them).
+SOURCE_CACHE_BYTES = 512 * 2**20
 
 SampleKey = tuple[int, int, int]
 """``(item, z, augmentation seed)``: which (subject, pair), which slice, and the seed of its augmentation."""
@@ -208,7 +213,8 @@ class SliceDataset(torch.utils.data.Dataset):
         augment: augmentation, or ``None`` (validation).
         source_norm: how sources are given to the model
             (:func:`~phmdiff_cli.data.normalize.normalize_source`); for ``"rank"`` each source volume is
-            transformed once and kept in memory (float16, ~18 MB for a 240 x 240 x 155 volume).
+            transformed once and kept in memory (float16, ~18 MB for a 240 x 240 x 155 volume), up to
+            :data:`SOURCE_CACHE_BYTES` per process.
         resample: resample sources on another grid onto the target's instead of refusing.
         background_weight: sampling weight of an empty slice relative to the fullest slice of its volume.
         progress: show a progress bar (stderr) while preprocessing.
@@ -264,11 +270,11 @@ class SliceDataset(torch.utils.data.Dataset):
                     self.items += [(len(self.subjects) - 1, pair) for pair in found]
                 bar.advance(task)
         self._arrays: dict[tuple[int, str], np.ndarray] = {}
-        self._sources: dict[tuple[int, str], np.ndarray] = {}
+        self._sources: OrderedDict[tuple[int, str], np.ndarray] = OrderedDict()
 
     def __getstate__(self) -> dict:
         # Memory maps are reopened in each DataLoader worker rather than pickled (which would copy them).
-        return {**self.__dict__, "_arrays": {}, "_sources": {}}
+        return {**self.__dict__, "_arrays": {}, "_sources": OrderedDict()}
 
     def __len__(self) -> int:
         """Number of (item, slice) combinations: one nominal epoch."""
@@ -288,10 +294,15 @@ class SliceDataset(torch.utils.data.Dataset):
         if self.source_norm == "percentile":
             return self.array(subject, modality)
         key = (subject, modality)
-        if key not in self._sources:
-            array = np.asarray(self.array(subject, modality), dtype=np.float32)
-            self._sources[key] = normalize_source(array, modality, self.source_norm).astype(np.float16)
-        return self._sources[key]
+        if key in self._sources:
+            self._sources.move_to_end(key)
+            return self._sources[key]
+        array = np.asarray(self.array(subject, modality), dtype=np.float32)
+        ranked = normalize_source(array, modality, self.source_norm).astype(np.float16)
+        while self._sources and sum(a.nbytes for a in self._sources.values()) + ranked.nbytes > SOURCE_CACHE_BYTES:
+            self._sources.popitem(last=False)
+        self._sources[key] = ranked
+        return ranked
 
     def slice_weights(self, item: int) -> np.ndarray:
         """Sampling weights ``(z,)`` of an item's slices: the target's foreground fraction relative to its

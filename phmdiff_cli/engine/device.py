@@ -20,13 +20,21 @@ from torch import nn
 
 from phmdiff_cli.errors import InputError
 
-__all__ = ["resolve_device", "resolve_precision", "cpu_has_amx", "cpu_bf16_speedup", "autocast", "grad_scaler",
-           "compile_model", "unwrap_model"]
+__all__ = ["resolve_device", "resolve_precision", "cuda_autocast_dtype", "configure_backends", "cpu_has_amx",
+           "cpu_bf16_speedup", "autocast", "grad_scaler", "compile_model", "compile_stats", "unwrap_model"]
 
 _PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 #: bf16 autocast is chosen on a CPU without AMX when its matrix products measure at least this much faster
 #: (measured: 0.5x on a Xeon without AMX, 2.9x on a Zen 5 EPYC; the margin absorbs a busy machine's noise).
 CPU_BF16_MIN_SPEEDUP = 1.3
+#: The first CUDA compute capability with bf16 tensor cores (Ampere, sm_80). ``torch.cuda.is_bf16_supported()``
+#: also says yes on a V100 (sm_70) or T4 (sm_75), where bf16 is emulated, several times slower than fp16.
+BF16_MIN_CAPABILITY = (8, 0)
+#: Recompiles Dynamo allows per compiled block before it gives up on it. A block meets a handful of shapes (the
+#: masked and unmasked token counts of training, full and partial batches, a batch halved after an
+#: out-of-memory error); automatic dynamic shapes cover most after the first change. Past the limit the block
+#: fails loudly (``fail_on_recompile_limit_hit``) instead of running eager without a word.
+RECOMPILE_LIMIT = 16
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -92,7 +100,8 @@ def cpu_bf16_speedup() -> float:
 def resolve_precision(spec: str, device: torch.device) -> torch.dtype | None:
     """``"auto"``, ``"bf16"``, ``"fp16"`` or ``"fp32"`` -> the autocast dtype, or None for plain fp32.
 
-    auto: CUDA -> bf16 where supported (Ampere and newer), else fp16 (with :func:`grad_scaler`); CPU -> bf16
+    auto: CUDA -> :func:`cuda_autocast_dtype` of the GPU (bf16 on Ampere and newer, else fp16 with
+    :func:`grad_scaler`); CPU -> bf16
     with AMX or where :func:`cpu_bf16_speedup` is at least :data:`CPU_BF16_MIN_SPEEDUP`, else fp32; MPS -> fp32
     (autocast support there is still partial).
 
@@ -102,7 +111,7 @@ def resolve_precision(spec: str, device: torch.device) -> torch.dtype | None:
     spec = spec.strip().lower()
     if spec == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return cuda_autocast_dtype(torch.cuda.get_device_capability(device))
         if device.type != "cpu":
             return None
         return torch.bfloat16 if cpu_has_amx() or cpu_bf16_speedup() >= CPU_BF16_MIN_SPEEDUP else None
@@ -111,6 +120,23 @@ def resolve_precision(spec: str, device: torch.device) -> torch.dtype | None:
     if spec == "fp16" and device.type == "cpu":
         raise InputError("fp16 is not supported on the CPU", hint="use --precision bf16 or fp32")
     return _PRECISIONS[spec]
+
+
+def cuda_autocast_dtype(capability: tuple[int, int]) -> torch.dtype:
+    """bf16 on GPUs of compute capability :data:`BF16_MIN_CAPABILITY` or newer, fp16 (loss-scaled) on older."""
+    return torch.bfloat16 if tuple(capability) >= BF16_MIN_CAPABILITY else torch.float16
+
+
+def configure_backends(device: torch.device) -> dict[str, bool]:
+    """On CUDA: TF32 for float32 matrix products and convolutions (Ampere and newer run them on tensor cores,
+    10-bit mantissa, as cuDNN already does for convolutions by default) and cuDNN autotuning (the model's
+    convolution shapes repeat every step). A no-op elsewhere. Returns what was set, for logs and reports."""
+    if device.type != "cuda":
+        return {}
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+    return {"tf32_matmul": True, "tf32_cudnn": True, "cudnn_benchmark": True}
 
 
 @contextlib.contextmanager
@@ -135,13 +161,32 @@ def compile_model(model: nn.Module, **options: object) -> nn.Module:
     compiled code), survives the different shapes of levels and masks, and leaves parameter names unchanged,
     so ``state_dict()`` stays loadable by an uncompiled model.
 
+    Dynamo traces the blocks' parameters as inputs (``inline_inbuilt_nn_modules``), so the identical blocks
+    share their compiled graphs instead of each adding a cache entry; a new shape (the unmasked fine-tune's
+    token count, a partial batch) recompiles once, then dimensions that changed are dynamic. Recompiles are
+    capped at :data:`RECOMPILE_LIMIT` per block and hitting the cap is an error, not a silent fall back to eager;
+    :func:`compile_stats` counts them for the logs.
+
     Args:
         model: a module with ``blocks`` and ``decoder_blocks`` (PHMDiff).
         options: passed to ``torch.compile`` (e.g. ``mode="max-autotune"``, ``dynamic=True``).
     """
+    import torch._dynamo.config as dynamo_config  # imported on use: importing Dynamo takes a second
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
+    dynamo_config.fail_on_recompile_limit_hit = True
     for block in [*model.blocks, *model.decoder_blocks]:
         block.compile(**options)
     return model
+
+
+def compile_stats() -> dict[str, int]:
+    """Dynamo's counters in this process: graphs compiled (``unique_graphs``) and ``recompiles`` (a compiled
+    frame compiled again for a new shape or guard)."""
+    from torch._dynamo.utils import counters
+
+    return {"unique_graphs": int(counters["stats"]["unique_graphs"]),
+            "recompiles": int(sum(counters["recompiles"].values()))}
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -23,6 +23,10 @@ __all__ = ["DistInfo", "init_distributed", "all_max", "mean", "barrier", "shutdo
 
 #: Collectives wait this long for the slowest rank; rank 0 preprocesses the data while the others wait.
 _TIMEOUT = datetime.timedelta(hours=2)
+#: A gloo group for the per-step control values (clock, stop request) on CUDA runs: reducing CPU tensors there
+#: leaves the GPU's queue alone, where an NCCL reduction read back to the host would wait for every queued
+#: kernel of the step. None: the default group (gloo already, or one process).
+_control_group: dist.ProcessGroup | None = None
 
 
 @dataclass(frozen=True)
@@ -80,16 +84,20 @@ def init_distributed(device_spec: str) -> tuple[DistInfo, torch.device]:
         dist.init_process_group(
             backend, timeout=_TIMEOUT, device_id=device if device.type == "cuda" else None
         )
+        if backend == "nccl":
+            global _control_group
+            _control_group = dist.new_group(backend="gloo", timeout=_TIMEOUT)
     return info, device
 
 
-def all_max(values: list[float], info: DistInfo, device: torch.device) -> list[float]:
+def all_max(values: list[float], info: DistInfo) -> list[float]:
     """Element-wise maximum of ``values`` over all processes, so every rank takes the same decision (stop,
-    switch to the fine-tune phase, learning rate) at the same step; a no-op in a single process."""
+    switch to the fine-tune phase, learning rate) at the same step; a no-op in a single process. Reduced on
+    the CPU (:data:`_control_group`), so it never waits for the GPU."""
     if not info.enabled:
         return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    tensor = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=_control_group)
     return tensor.tolist()
 
 
@@ -101,8 +109,10 @@ def barrier(info: DistInfo) -> None:
 
 def shutdown(info: DistInfo) -> None:
     """Leave the process group (a no-op in a single process)."""
+    global _control_group
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+    _control_group = None
 
 
 def mean(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:

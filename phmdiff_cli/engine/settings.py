@@ -51,6 +51,9 @@ RESUMABLE = frozenset(
     }
 )
 
+#: Gradient-norm clip of fp16 runs (``grad_clip`` None): loss-scaled fp16 gradients can spike before the
+#: scaler backs off.
+FP16_GRAD_CLIP = 1.0
 #: Settings that shape the network and its grid: with ``init`` they are the initial model's.
 _MODEL_KEYS = ("size", "spacing", "levels", "mask_ratio", "cgr_pixel", "cgr_structure", "cgr_feature", "context",
                "source_norm", "model")
@@ -80,7 +83,9 @@ class TrainSettings:
         the LR linearly to 0 (warmup-stable-decay; 0: no decay). max_steps, minutes: budgets (the whole run's,
         resumed sessions included; the first reached stops). finetune_fraction: the last fraction of the
         budget trains unmasked (MaskDiT; with ``minutes`` the switch goes by the clock and is recorded in
-        the checkpoint). ema_decay: EMA decay (saved models are EMA weights).
+        the checkpoint). ema_decay: EMA decay (saved models are EMA weights). grad_clip: largest gradient
+        norm (0: no clipping; None: 1.0 when training in fp16, whose loss scaler also skips steps with inf/NaN
+        gradients, else none).
     Evaluation and checkpoints:
         val_every: steps between validations. val_slices: slices per validation subject and pair.
         val_steps, val_sampler: sampler steps per level and sampler for validation (None: the model's own
@@ -121,6 +126,7 @@ class TrainSettings:
     minutes: float | None = None
     finetune_fraction: float = 0.1
     ema_decay: float = 0.999
+    grad_clip: float | None = None
     val_every: int = 1000
     val_slices: int = 8
     val_steps: int | None = None
@@ -164,6 +170,13 @@ class TrainSettings:
         if self.minutes:
             done.append(elapsed_s / (self.minutes * 60))
         return max(done, default=0.0)
+
+    def clip_norm(self, dtype: object) -> float:
+        """The gradient-norm clip of a run in autocast ``dtype`` (a ``torch.dtype`` or None; 0: none); see
+        ``grad_clip``."""
+        if self.grad_clip is not None:
+            return self.grad_clip
+        return FP16_GRAD_CLIP if str(dtype) == "torch.float16" else 0.0
 
     def lr_at(self, step: int, progress: float = 0.0) -> float:
         """Learning rate of optimizer step ``step`` (0-based) at budget fraction ``progress``: a linear warm-up,
@@ -212,6 +225,7 @@ class TrainSettings:
             "warmup_steps",
             "context",
             "num_workers",
+            "grad_clip",
         ):
             value = getattr(self, name)
             if value is not None and value < 0:

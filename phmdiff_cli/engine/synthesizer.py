@@ -28,7 +28,7 @@ from phmdiff_cli.data.normalize import CT_WINDOW_HU, IntensityParams, normalize_
 from phmdiff_cli.data.preprocess import Prepared, prepare_volume, resample_onto, restore_volume
 from phmdiff_cli.data.slices import Pair, source_stack
 from phmdiff_cli.diffusion import sample
-from phmdiff_cli.engine.device import autocast
+from phmdiff_cli.engine.device import autocast, configure_backends
 from phmdiff_cli.engine.pretrained import Pretrained
 from phmdiff_cli.errors import EXIT_INTERNAL, InputError, PhmdiffError
 from phmdiff_cli.io import Volume
@@ -142,7 +142,8 @@ def slice_bytes(pretrained: Pretrained, samples: int = 1) -> int:
     """Estimated peak activation memory (bytes, float32) of one slice in a sampling batch.
 
     Counts the source stack and its pyramid, the level input, the largest Transformer activations (QKV and
-    MLP), the attention matrix and the refinement head's full-resolution feature maps at the finest level: five
+    MLP; no attention matrix: ``scaled_dot_product_attention``'s fused kernels never build it, on CUDA or the
+    CPU) and the refinement head's full-resolution feature maps at the finest level: five
     for the three-convolution head (convolution, modulation, activation, convolution, activation), thirteen for
     the UNet head: the eight it holds at once by count (its first stage's four, the upsampled bottleneck's two,
     the skip concatenation's, the last convolution's) fell ~17 MiB short of the measured peak-RSS growth per
@@ -156,7 +157,6 @@ def slice_bytes(pretrained: Pretrained, samples: int = 1) -> int:
         2 * sources * 4 / 3  # the stack, and its pyramid (1 + 1/4 + 1/16 + ...)
         + (sources + 2 * pixels) * 2  # one level's input and its patches
         + tokens * cfg.hidden_size * (3 + cfg.mlp_ratio + 2)
-        + cfg.num_heads * tokens**2
         + (13 if cfg.refine_depth else 5) * cfg.refine_channels * pixels
     )
     return int(4 * floats * samples)
@@ -214,6 +214,7 @@ class Synthesizer:
         if settings.samples < 1:
             raise InputError(f"samples must be at least 1, got {settings.samples}")
         self.pretrained, self.device, self.dtype, self.settings = pretrained, device, dtype, settings
+        self.backends = configure_backends(device)
         self.batch_size = settings.batch_size or default_batch_size(pretrained, device, settings.samples)
 
     def run(
@@ -295,13 +296,11 @@ class Synthesizer:
         while done < todo.size:
             z = todo[done : done + self.batch_size]
             start = time.perf_counter()
-            try:
-                batch_mean, batch_std = self._sample_batch(volumes, pair, z)
-            except Exception as error:  # noqa: BLE001 - only out-of-memory is handled, the rest re-raised
-                if not is_out_of_memory(error):
-                    raise
-                self._shrink_batch(error)
+            result = self._try_batch(volumes, pair, z)
+            if result is None:  # out of memory: the failed batch's tensors are released by now
+                self._shrink_batch()
                 continue
+            batch_mean, batch_std = result
             mean[z] = batch_mean
             if std is not None:
                 std[z] = batch_std
@@ -318,7 +317,21 @@ class Synthesizer:
             occupied |= volume.reshape(volume.shape[0], -1).max(axis=1) > MODEL_BACKGROUND + _BACKGROUND_TOL
         return np.convolve(occupied, np.ones(2 * k + 1), mode="same") > 0
 
-    def _shrink_batch(self, error: BaseException) -> None:
+    def _try_batch(
+        self, volumes: Sequence[np.ndarray], pair: Pair, z: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """:meth:`_sample_batch`, or None on out-of-memory. Returning (rather than handling the error in the
+        caller's ``except``) drops the exception and its traceback, whose frames hold the batch's tensors,
+        before the caller frees the cache."""
+        try:
+            return self._sample_batch(volumes, pair, z)
+        except Exception as error:  # noqa: BLE001 - only out-of-memory is handled, the rest re-raised
+            if not is_out_of_memory(error):
+                raise
+            return None
+
+    def _shrink_batch(self) -> None:
+        """Halve the batch after an out-of-memory error (the device's cached blocks freed first)."""
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         if self.batch_size == 1:
@@ -326,7 +339,7 @@ class Synthesizer:
                 "out of memory even with one slice per batch",
                 exit_code=EXIT_INTERNAL,
                 hint="use fewer --samples, or a device with more memory",
-            ) from error
+            )
         self.batch_size //= 2
 
     @torch.inference_mode()

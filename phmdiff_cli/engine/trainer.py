@@ -39,7 +39,15 @@ from phmdiff_cli.data.slices import SliceDataset
 from phmdiff_cli.diffusion import training_loss
 from phmdiff_cli.engine import distributed
 from phmdiff_cli.engine.checkpoint import load_training_state, save_model, save_training_state
-from phmdiff_cli.engine.device import autocast, compile_model, grad_scaler, resolve_precision
+from phmdiff_cli.engine.device import (
+    autocast,
+    compile_model,
+    compile_stats,
+    configure_backends,
+    grad_scaler,
+    resolve_precision,
+    unwrap_model,
+)
 from phmdiff_cli.engine.ema import EMA
 from phmdiff_cli.engine.pretrained import Pretrained, build_card, load_pretrained
 from phmdiff_cli.engine.progress import Reporter
@@ -51,7 +59,7 @@ from phmdiff_cli.errors import EXIT_INTERNAL, InputError, PhmdiffError
 from phmdiff_cli.jsonsafe import finite
 from phmdiff_cli.models import PHMDiff
 
-__all__ = ["RunState", "TrainResult", "run_model_config", "train"]
+__all__ = ["RunState", "TrainResult", "optimizer_step", "run_model_config", "train"]
 
 
 @dataclass
@@ -64,6 +72,7 @@ class RunState:
         finetune_from: step where the unmasked fine-tune began (None: not yet).
         best_ssim, best_step: best mean validation SSIM and its step.
         val: the latest validation metrics (``{"pairs": ..., "mean": ..., "step": ...}``).
+        skipped_steps: fp16 steps the loss scaler skipped (inf/NaN gradients; the scale is then halved).
     """
 
     step: int = 0
@@ -72,6 +81,7 @@ class RunState:
     best_ssim: float | None = None
     best_step: int | None = None
     val: dict[str, Any] | None = None
+    skipped_steps: int = 0
 
 
 @dataclass
@@ -107,13 +117,40 @@ def _git_commit() -> str | None:
     return commit if done.returncode == 0 and commit else None
 
 
+def optimizer_step(
+    loss: Tensor, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, clip: float
+) -> tuple[Tensor | None, bool]:
+    """Backward and one optimizer step through the loss ``scaler`` (a pass-through unless fp16), the gradient
+    norm clipped to ``clip`` (0: not clipped).
+
+    Returns:
+        ``(norm, skipped)``: the gradient norm before clipping (detached; None without clipping), and whether
+        the scaler skipped the step (an inf or NaN gradient: fp16 overflow; the scale is then lowered).
+    """
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    norm = None
+    if clip:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).detach()
+    scale = scaler.get_scale() if scaler.is_enabled() else None  # a host sync: enabled for fp16 only
+    scaler.step(optimizer)
+    scaler.update()
+    return norm, scale is not None and scaler.get_scale() < scale
+
+
 def _step_seed(seed: int, rank: int, step: int) -> int:
     digest = hashlib.sha256(f"{seed}:{rank}:{step}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 
 
 class _Objective(nn.Module):
-    """The training loss as a module, so that DDP's forward hooks see every step."""
+    """The training loss as a module, so that DDP's forward hooks see every step.
+
+    Unmasked steps (the fine-tune) leave the mask token out of the graph; DDP would then wait for its gradient
+    forever unless told to search for unused parameters every step. As in MaskDiT, the token joins the loss with
+    weight 0 instead: every parameter gets a gradient at every step, masked or not, and one DDP wrapper serves
+    the whole run."""
 
     def __init__(self, model: PHMDiff) -> None:
         super().__init__()
@@ -122,7 +159,8 @@ class _Objective(nn.Module):
     def forward(
         self, batch: dict[str, Tensor], mask_ratio: float | None, generator: torch.Generator
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        return training_loss(self.model, batch, mask_ratio=mask_ratio, generator=generator)
+        loss, logs = training_loss(self.model, batch, mask_ratio=mask_ratio, generator=generator)
+        return loss + 0.0 * unwrap_model(self.model).mask_token.sum(), logs
 
 
 @contextmanager
@@ -200,6 +238,7 @@ class Trainer:
         self.settings, self.config, self.data, self.run = settings, config, data, run
         self.info, self.device, self.console, self.quiet = info, device, console, quiet
         self.dtype = resolve_precision(settings.precision, device)
+        self.backends = configure_backends(device)
         self.state = RunState()
         self.cache = Path(settings.cache_dir) if settings.cache_dir else run.cache
         torch.manual_seed(settings.seed)  # the initial weights
@@ -308,8 +347,7 @@ class Trainer:
     def fit(self) -> TrainResult:
         """Train until the budget is reached or a signal asks to stop; checkpoint and validate on the way."""
         s, state = self.settings, self.state
-        loss_module = _Objective(compile_model(self.model) if s.compile else self.model)
-        objective = self._wrap(loss_module, finetune=state.finetune_from is not None)
+        objective = self._wrap(_Objective(compile_model(self.model) if s.compile else self.model))
         clock, meter = _Clock(offset=state.elapsed_s), _Meter()
         budget, minutes, planned = s.step_budget, s.minutes, self._planned_finetune()
         batches = self._loader()
@@ -325,7 +363,7 @@ class Trainer:
         with _stop_on_signals(stop), reporter:
             while budget is None or state.step < budget:
                 # the largest clock of all ranks: every rank stops, switches phase and sets the LR alike
-                elapsed, halt = distributed.all_max([clock.elapsed(), float(bool(stop))], self.info, self.device)
+                elapsed, halt = distributed.all_max([clock.elapsed(), float(bool(stop))], self.info)
                 time_up = minutes is not None and elapsed >= minutes * 60
                 finetune_time = minutes is not None and elapsed >= (1 - s.finetune_fraction) * minutes * 60
                 if halt or time_up:
@@ -336,7 +374,6 @@ class Trainer:
                     and (finetune_time or (planned is not None and state.step >= planned))
                 ):
                     state.finetune_from = state.step
-                    objective = self._wrap(loss_module, finetune=True, previous=objective)
                     self.say(f"Step {state.step}: unmasked fine-tune from here on")
                 logs = self._step(objective, next(batches), s.progress(state.step, elapsed))
                 state.step += 1
@@ -367,18 +404,13 @@ class Trainer:
         distributed.barrier(self.info)
         return TrainResult(self.run.root, state, signum, self.info.is_main)
 
-    def _wrap(
-        self, loss_module: _Objective, *, finetune: bool, previous: nn.Module | None = None
-    ) -> nn.Module:
-        """The loss module, DDP-wrapped with several processes. The unmasked fine-tune leaves the mask token
-        without a gradient, which DDP must be told (``find_unused_parameters``, an extra graph traversal per
-        step): the switch to the fine-tune re-wraps the module."""
+    def _wrap(self, loss_module: _Objective) -> nn.Module:
+        """The loss module, DDP-wrapped with several processes (every parameter has a gradient at every step:
+        see :class:`_Objective`)."""
         if not self.info.enabled:
             return loss_module
-        if isinstance(previous, DistributedDataParallel):
-            previous._remove_autograd_hooks()  # or both wrappers would all-reduce every gradient
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(loss_module, device_ids=ids, find_unused_parameters=finetune)
+        return DistributedDataParallel(loss_module, device_ids=ids)
 
     def _step(self, objective: nn.Module, batch: dict[str, Tensor], progress: float) -> dict[str, Tensor]:
         """One optimizer step at budget fraction ``progress``; returns detached per-step scalars (no device
@@ -392,10 +424,10 @@ class Trainer:
         self.model.train()
         with autocast(self.device, self.dtype):
             loss, logs = objective(batch, 0.0 if finetune else None, self.generator)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        norm, skipped = optimizer_step(loss, self.model, self.optimizer, self.scaler, s.clip_norm(self.dtype))
+        if norm is not None:
+            logs["grad_norm"] = norm
+        self.state.skipped_steps += skipped
         if self.ema is not None:
             self.ema.update(self.model)
         return {"loss": loss.detach().float(), **{k: v.float() for k, v in logs.items()}}
@@ -439,6 +471,8 @@ class Trainer:
                     "lr": self.optimizer.param_groups[0]["lr"],
                     "img_per_s": round(images_per_s, 3),
                     "phase": "finetune" if finetune else "masked",
+                    **({"skipped_steps": self.state.skipped_steps} if self.scaler.is_enabled() else {}),
+                    **(compile_stats() if self.settings.compile else {}),
                     **finite(record),
                 }
             )
@@ -570,8 +604,8 @@ def _describe(trainer: Trainer) -> str:
         f"Model: PHMDiff {cfg.size}, {params:.2f} M parameters, {cfg.image_size} px at "
         f"{cfg.spacing_mm:g} mm, {cfg.levels} levels, mask ratios {list(cfg.mask_ratios)}\n"
         f"Pairs: {', '.join(map(str, data.pairs))}; subjects: {len(data.train_ids)} training, validation "
-        f"{val}\nDevice: {trainer.device} ({precision}), {info.world_size} process(es), batch "
-        f"{trainer.settings.batch_size} per process"
+        f"{val}\nDevice: {trainer.device} ({precision}{', TF32, cuDNN autotuning' if trainer.backends else ''}), "
+        f"{info.world_size} process(es), batch {trainer.settings.batch_size} per process"
     )
 
 
