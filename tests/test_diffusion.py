@@ -219,12 +219,8 @@ def test_cgr_terms_vanish_for_consistent_levels() -> None:
     assert cgr_feature(feats, feats + 3.0 * torch.randn(2, 50, 16)) > 0.05
 
 
-def test_p_sigma_max_trains_that_share_at_the_samplers_first_noise_level() -> None:
-    """``p_sigma_max`` of the samples are noised at ``sampling.sigma_max`` (noise label ln(sigma) / 4), where a
-    few-step sampler's first evaluation decides the output; the rest keep the log-normal draw."""
-    cfg = model_config("tiny")
-    cfg.diffusion.p_sigma_max = 0.5
-    model = PHMDiff(cfg).train()
+def _training_noise_labels(model: PHMDiff) -> list[torch.Tensor]:
+    """The per-level (B,) noise labels of one training step of 64 samples."""
     labels: list[torch.Tensor] = []
     forward = model.forward_levels
 
@@ -233,7 +229,17 @@ def test_p_sigma_max_trains_that_share_at_the_samplers_first_noise_level() -> No
         return forward(xs, noise_labels, *args, **kwargs)
 
     model.forward_levels = spy
-    training_loss(model, _batch(cfg, batch=64), generator=torch.Generator().manual_seed(0))
+    training_loss(model.train(), _batch(model.config, batch=64), generator=torch.Generator().manual_seed(0))
+    model.forward_levels = forward
+    return labels
+
+
+def test_p_sigma_max_trains_that_share_at_the_samplers_first_noise_level() -> None:
+    """``p_sigma_max`` of the samples are noised at ``sampling.sigma_max`` (noise label ln(sigma) / 4), where a
+    few-step sampler's first evaluation decides the output; the rest keep the log-normal draw."""
+    cfg = model_config("tiny")
+    cfg.diffusion.p_sigma_max = 0.5
+    labels = _training_noise_labels(PHMDiff(cfg))
     top = math.log(cfg.sampling.sigma_max) / 4
     at_top = torch.cat([(label - top).abs() < 1e-6 for label in labels]).float()
     assert len(labels) == cfg.levels and 0.4 < at_top.mean() < 0.6
@@ -294,16 +300,6 @@ def test_refine_sigma_starts_the_finer_levels_from_the_coarser_sample() -> None:
         assert 0.8 < float((start - coarse).std()) < 1.2  # the coarse sample plus unit noise
         assert float(torch.corrcoef(torch.stack([start.flatten(), coarse.flatten()]))[0, 1]) > 0.1
     model.forward = forward
-    labels: list[torch.Tensor] = []
-    forward_levels = model.forward_levels
-
-    def spy_levels(xs, noise_labels, *args, **kwargs):
-        labels.extend(noise_labels)
-        return forward_levels(xs, noise_labels, *args, **kwargs)
-
-    model.forward_levels = spy_levels
-    model.train()
-    training_loss(model, _batch(model.config, batch=64), generator=torch.Generator().manual_seed(0))
-    sigmas = [torch.exp(4 * label) for label in labels]
+    sigmas = [torch.exp(4 * label) for label in _training_noise_labels(model)]
     assert sigmas[0].max() > 1.5  # level 0 as before
     assert all(float(s.max()) <= 1.0 + 1e-5 for s in sigmas[1:])
