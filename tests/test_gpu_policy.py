@@ -176,5 +176,6 @@ def test_regional_compile_meets_every_training_and_sampling_shape_without_fallin
         b = batch(n)
         sample(model, b["source"], b["src_mod"], b["tgt_mod"], steps=1)
     stats = device.compile_stats()
-    assert stats["unique_graphs"] >= 1 and stats["recompiles"] <= device.RECOMPILE_LIMIT
+    # one class of blocks (DiTBlock): a first compile, then recompiles for new shapes, a few at most
+    assert 2 <= stats["compilations"] <= 1 + device.RECOMPILE_LIMIT and stats["graphs"] >= stats["compilations"]
     torch._dynamo.reset()

@@ -165,7 +165,7 @@ def compile_model(model: nn.Module, **options: object) -> nn.Module:
     share their compiled graphs instead of each adding a cache entry; a new shape (the unmasked fine-tune's
     token count, a partial batch) recompiles once, then dimensions that changed are dynamic. Recompiles are
     capped at :data:`RECOMPILE_LIMIT` per block and hitting the cap is an error, not a silent fall back to eager;
-    :func:`compile_stats` counts them for the logs.
+    :func:`compile_stats` counts compilations for the logs.
 
     Args:
         model: a module with ``blocks`` and ``decoder_blocks`` (PHMDiff).
@@ -181,12 +181,11 @@ def compile_model(model: nn.Module, **options: object) -> nn.Module:
 
 
 def compile_stats() -> dict[str, int]:
-    """Dynamo's counters in this process: graphs compiled (``unique_graphs``) and ``recompiles`` (a compiled
-    frame compiled again for a new shape or guard)."""
+    """Dynamo's counters in this process: ``compilations`` (frames compiled: a block class's first compile and
+    each recompile for a new shape or guard; the blocks of one class share them) and the ``graphs`` made."""
     from torch._dynamo.utils import counters
 
-    return {"unique_graphs": int(counters["stats"]["unique_graphs"]),
-            "recompiles": int(sum(counters["recompiles"].values()))}
+    return {"compilations": int(counters["frames"]["total"]), "graphs": int(counters["stats"]["unique_graphs"])}
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
