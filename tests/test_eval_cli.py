@@ -76,6 +76,15 @@ def test_identical_pair_gives_infinite_psnr_as_null(ct_case: dict[str, Any]) -> 
     assert case["data_range"] == 4024.0
 
 
+def test_evaluate_is_eval_under_the_design_notes_name(ct_case: dict[str, Any]) -> None:
+    args = ["--pred", str(ct_case["ref"]), "--ref", str(ct_case["ref"]), "--metrics", "mae", "--json"]
+    alias, plain = runner.invoke(app, ["evaluate", *args]), runner.invoke(app, ["eval", *args])
+    assert alias.exit_code == plain.exit_code == 0
+    assert json.loads(alias.stdout)["cases"] == json.loads(plain.stdout)["cases"]
+    listed = runner.invoke(app, ["--help"]).stdout
+    assert " eval " in listed and "evaluate" not in listed  # one help entry
+
+
 def test_sharpness_single_and_folder_mode(ct_case: dict[str, Any], tmp_path: Path) -> None:
     """The CT against itself: sharpness 1 beside PSNR inf (null); an in-plane blurred copy: below 1, the same
     in folder mode."""

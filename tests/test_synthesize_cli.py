@@ -189,6 +189,34 @@ def test_nan_output_suggests_fp32_and_writes_nothing(
     assert "--precision fp32" in result.stderr and list(tmp_path.iterdir()) == []
 
 
+def test_output_suffix_picks_the_format_and_an_unknown_one_is_refused(
+    cases: list[Path], tmp_path: Path, model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(synthesizer, "sample", identity_sample)
+    common = ("--src", cases[0], "--target", "t2w", "--model", model, "--steps", "1")
+    refused = run(*common, "-o", tmp_path / "out.txt")
+    assert refused.exit_code == EXIT_BAD_INPUT and "unknown output suffix '.txt'" in refused.stderr
+    assert ".nii.gz" in refused.stderr and "--format dicom" in refused.stderr
+    assert not (tmp_path / "out.txt").exists()
+    named = run(*common, "-o", tmp_path / "series.v2", "--format", "dicom")  # any folder name, when asked
+    assert named.exit_code == 0, named.output
+    assert (tmp_path / "series.v2").is_dir() and any((tmp_path / "series.v2").glob("*.dcm"))
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_volumes_thinner_than_the_context_synthesize(
+    depth: int, data_dir: Path, tmp_path: Path, model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """1 to 3 slices (the 2.5D context is 3): an output on the source's grid, not an IndexError."""
+    monkeypatch.setattr(synthesizer, "sample", identity_sample)
+    source = crop_z(data_dir / "brats/TCGA-DU-7294/TCGA-DU-7294-t1n.nii.gz", tmp_path / "thin.nii.gz", 70, 70 + depth)
+    out = tmp_path / "out.nii.gz"
+    result = run("--src", source, "--src-modality", "t1", "--target", "t2w", "-o", out, "--model", model,
+                 "--steps", "1")
+    assert result.exit_code == 0, result.output
+    assert read_volume(out).same_grid(read_volume(source), tol=1e-6)
+
+
 def test_out_of_memory_retries_with_smaller_batches(
     cases: list[Path], tmp_path: Path, model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

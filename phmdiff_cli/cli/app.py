@@ -42,6 +42,7 @@ def root(
 
 app.command("info")(info.info)
 app.command("eval")(eval_cmd.evaluate)
+app.command("evaluate", hidden=True)(eval_cmd.evaluate)  # the design notes' name; one entry in --help
 app.command("train")(train.train)
 app.command("synthesize")(synthesize.synthesize)
 app.command("segment-augment")(segment_augment.segment_augment)

@@ -315,7 +315,8 @@ class Synthesizer:
         occupied = np.zeros(volumes[0].shape[0], dtype=bool)
         for volume in volumes:
             occupied |= volume.reshape(volume.shape[0], -1).max(axis=1) > MODEL_BACKGROUND + _BACKGROUND_TOL
-        return np.convolve(occupied, np.ones(2 * k + 1), mode="same") > 0
+        # "full" then the centred part: "same" returns the kernel's length for volumes thinner than 2k + 1 slices
+        return np.convolve(occupied, np.ones(2 * k + 1), mode="full")[k : k + occupied.size] > 0
 
     def _try_batch(
         self, volumes: Sequence[np.ndarray], pair: Pair, z: np.ndarray

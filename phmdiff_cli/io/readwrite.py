@@ -108,11 +108,12 @@ def _check_values(volume: Volume, path: Path) -> None:
 
 def output_format(path: str | Path, format: str | None = None) -> str:
     """The format :func:`write_volume` uses for ``path``, by suffix: ``.nii``/``.nii.gz`` -> ``'nifti'``,
-    ``.mha``/``.nrrd`` -> ``'itk'``, a folder or no image suffix -> ``'dicom'``; ``format``, if given, must
-    agree.
+    ``.mha``/``.nrrd`` -> ``'itk'``; a DICOM series (``'dicom'``) goes into a folder: a path without a suffix, an
+    existing folder, or any name with ``format='dicom'``. ``format``, if given, must agree with an image suffix.
 
     Raises:
-        InputError: unknown ``format`` or one the name contradicts, or a two-file ``.mhd``/``.nhdr`` output.
+        InputError: unknown ``format`` or one the name contradicts, a two-file ``.mhd``/``.nhdr`` output, or
+            another suffix (``out.txt``), naming the accepted ones.
     """
     if format is not None and format not in FORMATS:
         raise InputError(f"unknown output format {format!r}", hint=f"use one of {', '.join(FORMATS)}")
@@ -120,6 +121,13 @@ def output_format(path: str | Path, format: str | None = None) -> str:
     if name.endswith((".mhd", ".nhdr")):
         raise InputError("cannot write a two-file .mhd/.nhdr image", path=path, hint="write .mha or .nrrd")
     by_suffix = "nifti" if is_nifti_path(path) else "itk" if name.endswith(_ITK_WRITE_SUFFIXES) else "dicom"
+    if by_suffix == "dicom" and format is None and Path(path).suffix and not Path(path).is_dir():
+        raise InputError(
+            f"unknown output suffix {Path(path).suffix!r}",
+            path=path,
+            hint="write .nii, .nii.gz, .mha or .nrrd, or a DICOM series into a folder (a name without a suffix, "
+            "or --format dicom)",
+        )
     if format is not None and format != by_suffix:
         raise InputError(
             f"--format {format} does not match the output name",
