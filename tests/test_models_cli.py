@@ -51,11 +51,12 @@ def test_list_shows_each_model(weights: Path) -> None:
     assert good["metrics"] == CARD["metrics"]
     assert broken["name"] == "broken" and "config.json: model file missing" in broken["error"]
 
-    table = runner.invoke(app, ["models", "list"])
+    table = runner.invoke(app, ["models", "list"], env={"COLUMNS": "80"})
     assert table.exit_code == 0
+    assert all(len(line) <= 80 for line in table.stdout.splitlines())
     row = next(line for line in table.stdout.splitlines() if line.strip().startswith("brain-tiny"))
-    for cell in ("t1n->t2w, t1n->t2f", "64x64 @ 3.75 mm", good["sha256"][:12], "val/t1n->t2w/psnr=21.5"):
-        assert cell in row
+    for cell in (" 2 ", "64x64 @ 3.75 mm", f"{good['params']} / "):  # name whole, pairs, grid, parameters
+        assert cell in row, row
 
 
 def test_info_prints_the_card(weights: Path) -> None:
@@ -66,7 +67,33 @@ def test_info_prints_the_card(weights: Path) -> None:
     assert info["path"] == str(weights / "brain-tiny")
     assert info["card"]["training"] == CARD["training"] and info["card"]["sha256"] == info["sha256"]
     text = runner.invoke(app, ["models", "info", str(weights / "brain-tiny")])
-    assert text.exit_code == 0 and '"phmdiff-model"' in text.stdout and "t1n->t2f" in text.stdout
+    assert text.exit_code == 0
+    for line in ("Pairs t1n->t2w, t1n->t2f", "Grid 64x64 @ 3.75 mm", "Training data BraTS 2023 (4 subjects)",
+                 "--json prints the whole card"):
+        assert line in text.stdout, text.stdout
+
+
+def test_info_is_a_card_for_people(weights: Path) -> None:
+    """Per-subject validation, the data's licences, intended use and limitations, readable at 80 columns."""
+    scores = {"psnr": 19.41, "ssim": 0.669, "sharpness": 0.72}
+    card = {
+        "training": {"data": {"root": "../shared/data/brats", "folders": ["brats", "ms_mni"]},
+                     "subjects": {"train": ["A", "B"], "val": ["TCGA-DU-7294", "OMS-MNI-p19"]},
+                     "licences": {"A": "CC BY 4.0"}, "steps": 12, "elapsed_s": 600.0, "device": "cpu"},
+        "metrics": {"val": {"t1n:t2w": scores, "mean": scores}, "val_step": 12,
+                    "val_subjects": {"TCGA-DU-7294": {"t1n:t2w": scores, "mean": scores},
+                                     "OMS-MNI-p19": {"t1n:t2w": scores, "mean": scores}}},
+        "intended_use": "research on brain MRI synthesis",
+        "limitations": "skull-stripped 1 mm brains only",
+    }
+    write_model(weights / "brain-tiny", **card)
+    text = runner.invoke(app, ["models", "info", "brain-tiny"], env={"COLUMNS": "80"}).stdout
+    for line in ("Training data brats, ms_mni: 2 subjects; validation TCGA-DU-7294, OMS-MNI-p19",
+                 "A: CC BY 4.0", "Training 12 steps, 10 min", "PSNR dB/SSIM/sharpness at step 12",
+                 "Intended use research on brain MRI synthesis", "Limitations skull-stripped 1 mm brains only"):
+        assert line in text, text
+    row = next(r for r in text.splitlines() if r.strip().startswith("t1n:t2w"))
+    assert row.count("19.4/0.67/0.72") == 3  # two subjects and the mean
 
 
 def test_info_unknown_model_exits_2_with_the_available_names(weights: Path) -> None:

@@ -44,10 +44,12 @@ def test_models_list_shows_the_shipped_model() -> None:
     assert result.exit_code == 0, result.output
     rows = {row["name"]: row for row in json.loads(result.stdout)}
     assert rows[DEFAULT_MODEL]["pairs"] == PAIRS
-    table = CliRunner().invoke(app, ["models", "list"], env={"COLUMNS": "200"})
+    table = CliRunner().invoke(app, ["models", "list"], env={"COLUMNS": "80"})
     assert table.exit_code == 0, table.output
     row = next(line for line in table.stdout.splitlines() if line.strip().startswith(DEFAULT_MODEL))
-    assert "240x240 @ 1 mm" in row and "t1n->t2w" in row
+    assert "240x240 @ 1 mm" in row and f" {len(PAIRS)} " in row and len(row) <= 80
+    card = CliRunner().invoke(app, ["models", "info", DEFAULT_MODEL], env={"COLUMNS": "80"}).stdout
+    assert "Limitations" in card and "BraTS 2023 challenge terms" in card
 
 
 @pytest.mark.slow

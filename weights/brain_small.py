@@ -68,6 +68,17 @@ LICENCES = {
 }
 
 
+#: What the card tells people the model is for, and what it was not made for.
+CARD_NOTES = {
+    "intended_use": "research and demonstration: synthesizing a missing brain MRI contrast (T2, FLAIR, T1c) from "
+                    "the others on CPU; not for diagnosis",
+    "limitations": "trained on three skull-stripped adult brains with tumours (BraTS preprocessing: SRI24 space, "
+                   "1 mm isotropic); not trained on heads with skull, thick or anisotropic slices, children, CT or "
+                   "other organs; blurred (sharpness about 0.6-0.7) and below a histogram-matched source on SSIM "
+                   "for brains from other sources (benchmarks/README.md)",
+}
+
+
 def ship(run: Path) -> Path:
     """Copy the run's last (EMA) model here, its matrices and kernels as int8 with a float32 scale per row and
     the rest as float16 (a quarter of the size; loaded back as float32); the card's data root becomes the
@@ -81,7 +92,8 @@ def ship(run: Path) -> Path:
     training["licences"] = LICENCES
     training["recipe"] = "python weights/brain_small.py train, extend, then tune"
     training["stored_dtype"] = "int8 per row (matrices, kernels), float16 (the rest)"
-    return save_model(ROOT / "weights" / "brain-small", state, {**card, "training": training}, force=True)
+    return save_model(ROOT / "weights" / "brain-small", state, {**card, "training": training, **CARD_NOTES},
+                      force=True)
 
 
 def main() -> None:
