@@ -163,6 +163,10 @@ CASES: dict[str, Callable[[Path, Path], list[str]]] = {
         str(_copy(PYDICOM_FILES / "SC_rgb_rle_2frame.dcm", _mkdir(t / "sc") / "a.dcm"))
     ],
     "series_uid_on_nifti": lambda t, d: [str(_copy(d / SMALL_NII, t / "t1.nii")), "--series-uid", "1.2.3"],
+    # pydicom's own: NumberOfFrames "1A" (an IS value that is not a number)
+    "dicom_bad_value_representation": lambda t, d: [
+        str(_copy(PYDICOM_FILES / "badVR.dcm", _mkdir(t / "bad") / "badVR.dcm").parent)
+    ],
 }
 
 

@@ -218,7 +218,10 @@ def read_dicom(path: str | Path, *, series_uid: str | None = None) -> Volume:
         series_uid = str(header.get("SeriesInstanceUID", "")) if header is not None else None
     series = _choose(folder, list_series(folder), series_uid)
     # Series-level problems name what the user gave: the folder, or the file that stands for its series.
-    stack = slice_stack(series.headers, path)
+    try:
+        stack = slice_stack(series.headers, path)
+    except (ValueError, TypeError, KeyError, IndexError) as error:  # a tag whose value cannot be what it names
+        raise InputError(f"malformed DICOM header ({error})", path=path) from None
     even, tilted = classify_steps(stack, path)
     array = _pixels(stack, path)
     warnings = []

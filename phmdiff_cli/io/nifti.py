@@ -73,6 +73,7 @@ def _load(path: Path) -> nib.Nifti1Image:
         image = nib.load(path)
     except (
         nib.filebasedimages.ImageFileError,
+        nib.spatialimages.HeaderDataError,  # e.g. "vox offset 0 too low", "data code 0 not recognized"
         OSError,
         EOFError,
         zlib.error,
@@ -109,7 +110,8 @@ def _voxels(image: nib.Nifti1Image, path: Path) -> np.ndarray:
     slope, inter = proxy.slope, proxy.inter
     try:
         raw = np.asanyarray(proxy.get_unscaled()).reshape(shape)
-    except (OSError, EOFError, zlib.error, ValueError, OverflowError, MemoryError) as error:
+    except (OSError, EOFError, zlib.error, ValueError, OverflowError, MemoryError,
+            nib.spatialimages.HeaderDataError) as error:
         raise InputError(f"cannot read the voxel data ({_reason(error)})", path=path) from None
     if slope == 1 and inter == 0:
         data = raw.astype(raw.dtype.newbyteorder("="), copy=False)  # native byte order for numpy/torch

@@ -1,0 +1,68 @@
+"""Seeded header fuzzing: NIfTI-1 and NIfTI-2 files made from a real volume, with 1 to 4 header bytes changed,
+read by ``phmdiff info``: each gives an answer or a one-line error (exit 0 or 2), never an internal error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from phmdiff_cli.cli.app import app
+from phmdiff_cli.errors import InputError
+from phmdiff_cli.io import read_volume
+
+runner = CliRunner()
+#: Mutants per header format; each reads a 24 x 24 x 6 block of a real T1, a few ms.
+MUTANTS = 150
+
+
+@pytest.fixture(scope="module")
+def originals(brats_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[bytes, int]]:
+    """Uncompressed NIfTI-1 and NIfTI-2 files of a real block, and their header sizes."""
+    source = nib.load(brats_dir / "TCGA-DU-7294" / "TCGA-DU-7294-t1n.nii.gz")
+    block = np.asanyarray(source.dataobj)[100:124, 100:124, 70:76]
+    root = tmp_path_factory.mktemp("fuzz")
+    out = {}
+    for kind, image_class, header_bytes in (("nifti1", nib.Nifti1Image, 348), ("nifti2", nib.Nifti2Image, 540)):
+        path = root / f"{kind}.nii"
+        nib.save(image_class(block, source.affine), path)
+        out[kind] = (path.read_bytes(), header_bytes)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["nifti1", "nifti2"])
+def test_mutated_headers_never_end_in_an_internal_error(
+    kind: str, originals: dict[str, tuple[bytes, int]], tmp_path: Path
+) -> None:
+    data, header_bytes = originals[kind]
+    rng = np.random.default_rng(2026)
+    outcomes = {"read": 0, "refused": 0}
+    for n in range(MUTANTS):
+        mutant = bytearray(data)
+        for offset in rng.choice(header_bytes, size=int(rng.integers(1, 5)), replace=False):
+            mutant[offset] = int(rng.integers(0, 256))
+        path = tmp_path / f"{kind}-{n}.nii"
+        path.write_bytes(bytes(mutant))
+        try:
+            read_volume(path)
+            outcomes["read"] += 1
+        except InputError:
+            outcomes["refused"] += 1
+        except Exception as error:  # noqa: BLE001 - the point of the test
+            pytest.fail(f"mutant {n} of {kind}: {type(error).__name__}: {error}")
+    assert outcomes["read"] > 0 and outcomes["refused"] > 0, outcomes  # the mutations reach both outcomes
+    # and the command itself: one line, exit 2, for a refused mutant
+    refused = next(p for p in sorted(tmp_path.glob("*.nii")) if not _reads(p))
+    result = runner.invoke(app, ["info", str(refused)])
+    assert result.exit_code == 2 and "internal error" not in result.output and "Traceback" not in result.output
+
+
+def _reads(path: Path) -> bool:
+    try:
+        read_volume(path)
+        return True
+    except InputError:
+        return False
