@@ -158,7 +158,6 @@ CASES: dict[str, Callable[[Path, Path], list[str]]] = {
     "dicom_other_matrix": lambda t, d: [
         str(_edited_slice(t, d, lambda ds: setattr(ds, "PixelSpacing", [2, 2])))
     ],
-    "single_dicom_file": lambda t, d: [str(_copy(PYDICOM_FILES / "CT_small.dcm", t / "CT_small.dcm"))],
     "multiframe_rgb_dicom": lambda t, d: [
         str(_copy(PYDICOM_FILES / "SC_rgb_rle_2frame.dcm", _mkdir(t / "sc") / "a.dcm"))
     ],

@@ -187,3 +187,23 @@ def test_ct_from_nifti_is_int16_hounsfield(data_dir: Path, tmp_path: Path) -> No
     assert slices[0].Modality == "CT" and slices[0].pixel_array.dtype == np.int16
     assert float(slices[0].RescaleSlope) == 1 and float(slices[0].RescaleIntercept) == 0
     assert values.min() == source.array.min() and values.max() == source.array.max()
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm"])
+def test_a_single_slice_is_a_one_slice_volume(tmp_path: Path, name: str) -> None:
+    """pydicom's own single-slice files: position and in-plane geometry from the tags (checked against
+    SimpleITK's reading of the file), the slice as thick as its SliceThickness."""
+    source = Path(pydicom.__file__).parent / "data" / "test_files" / name
+    folder = tmp_path / "one"
+    folder.mkdir()
+    (folder / name).write_bytes(source.read_bytes())
+    volume = read_volume(folder)
+    header = pydicom.dcmread(source)
+    assert volume.size == (int(header.Columns), int(header.Rows), 1)
+    reference = sitk.ReadImage(str(source))
+    np.testing.assert_allclose(volume.origin, reference.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(volume.spacing[:2], reference.GetSpacing()[:2], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(volume.direction).ravel(), reference.GetDirection(), atol=1e-6)
+    assert volume.spacing[2] == pytest.approx(float(header.SliceThickness))
+    np.testing.assert_array_equal(volume.array[0], sitk.GetArrayFromImage(reference)[0])
+    assert read_volume(folder / name).same_grid(volume, tol=1e-6)  # the file itself stands for its series

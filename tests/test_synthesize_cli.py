@@ -217,6 +217,22 @@ def test_volumes_thinner_than_the_context_synthesize(
     assert read_volume(out).same_grid(read_volume(source), tol=1e-6)
 
 
+def test_a_single_dicom_slice_synthesizes(tmp_path: Path, model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pydicom's MR_small.dcm alone: a one-slice volume in, a one-slice CT (the test model's mr:ct) out, on its
+    grid."""
+    import pydicom
+
+    monkeypatch.setattr(synthesizer, "sample", identity_sample)
+    folder = tmp_path / "mr"
+    folder.mkdir()
+    (folder / "MR_small.dcm").write_bytes((Path(pydicom.__file__).parent / "data/test_files/MR_small.dcm").read_bytes())
+    out = tmp_path / "ct.nii.gz"
+    result = run("--src", folder, "--target", "ct", "-o", out, "--model", model, "--steps", "1")
+    assert result.exit_code == 0, result.output
+    written = read_volume(out)
+    assert written.size[2] == 1 and written.same_grid(read_volume(folder), tol=1e-5)
+
+
 def test_out_of_memory_retries_with_smaller_batches(
     cases: list[Path], tmp_path: Path, model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

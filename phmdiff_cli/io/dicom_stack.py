@@ -44,6 +44,7 @@ class SliceStack:
     normal: np.ndarray
     pixel_spacing: tuple[float, float]  # (x, y) mm
     shape: tuple[int, int]  # (rows, columns)
+    thickness: float = 1.0  # mm: the slice step of a single slice (SpacingBetweenSlices or SliceThickness)
 
     @property
     def depths(self) -> np.ndarray:
@@ -71,7 +72,8 @@ def slice_stack(headers: list[pydicom.Dataset], folder: Path) -> SliceStack:
     normal.
 
     Raises:
-        InputError: a single slice, multi-frame files, missing or inconsistent geometry tags.
+        InputError: multi-frame files, missing or inconsistent geometry tags. A single slice is a one-slice
+            stack, as thick as its SpacingBetweenSlices or SliceThickness (else 1 mm).
     """
     if any(int(h.get("NumberOfFrames") or 1) > 1 for h in headers):
         raise InputError(
@@ -79,8 +81,6 @@ def slice_stack(headers: list[pydicom.Dataset], folder: Path) -> SliceStack:
             path=headers[0].filename,
             hint="convert it to a NIfTI file first (e.g. dcm2niix)",
         )
-    if len(headers) < 2:
-        raise InputError("a single slice (2-D image); a 3-D volume is needed", path=folder)
     orientation = _float_tag(headers[0], "ImageOrientationPatient", 6)
     spacing = _float_tag(headers[0], "PixelSpacing", 2)
     shape = (int(headers[0].get("Rows") or 0), int(headers[0].get("Columns") or 0))
@@ -112,7 +112,20 @@ def slice_stack(headers: list[pydicom.Dataset], folder: Path) -> SliceStack:
         normal=normal,
         pixel_spacing=(float(spacing[1]), float(spacing[0])),
         shape=shape,
+        thickness=_thickness(headers[0]),
     )
+
+
+def _thickness(header: pydicom.Dataset) -> float:
+    """SpacingBetweenSlices, else SliceThickness, else 1 mm: the step given to a single slice."""
+    for keyword in ("SpacingBetweenSlices", "SliceThickness"):
+        try:
+            value = float(header.get(keyword) or 0)
+        except (TypeError, ValueError):
+            continue
+        if np.isfinite(value) and value > 0:
+            return value
+    return 1.0
 
 
 def classify_steps(stack: SliceStack, folder: Path) -> tuple[bool, bool]:
@@ -121,6 +134,8 @@ def classify_steps(stack: SliceStack, folder: Path) -> tuple[bool, bool]:
     Raises:
         InputError: duplicate positions, or gaps that are whole multiples of the step (missing slices).
     """
+    if len(stack.files) == 1:
+        return True, False
     steps = np.diff(stack.depths)
     tol = 1e-3 * min(stack.pixel_spacing)
     duplicates = int(np.count_nonzero(steps < tol))
@@ -153,7 +168,7 @@ def _direction(stack: SliceStack) -> np.ndarray:
 
 def regular_grid(stack: SliceStack) -> Grid:
     """The grid of an evenly spaced, straight stack: slice step = mean step, origin = first slice."""
-    step = float(np.diff(stack.depths).mean())
+    step = float(np.diff(stack.depths).mean()) if len(stack.files) > 1 else stack.thickness
     return Grid.of(np.array([*stack.pixel_spacing, step]), stack.positions[0], _direction(stack))
 
 
