@@ -146,7 +146,6 @@ CASES: dict[str, Callable[[Path, Path], list[str]]] = {
         "--series-uid",
         "1.2.3.4",
     ],
-    "dicom_single_slice": lambda t, d: [str(_linked(t / "series", _slices(d)[:1]))],
     "dicom_damaged_header": lambda t, d: [str(_damaged_slice(t, d, 400))],
     "dicom_truncated_pixels": lambda t, d: [str(_damaged_slice(t, d, 300_000))],
     "dicom_other_orientation": lambda t, d: [
