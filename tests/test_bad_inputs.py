@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from phmdiff_cli.cli.app import app
 from phmdiff_cli.cli.common import cli_command
+from phmdiff_cli.errors import InputError
 from phmdiff_cli.io import read_volume, write_volume
 from phmdiff_cli.io.dicom_read import is_dicom_file
 
@@ -297,3 +298,23 @@ def test_failed_write_leaves_nothing(tmp_path: Path, data_dir: Path) -> None:
     with pytest.raises(Exception, match="non-orthogonal"):
         write_volume(volume, tmp_path / "sheared")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]
+
+
+def test_pydicom_test_corpus_never_ends_in_an_internal_error(tmp_path: Path) -> None:
+    """pydicom's own odd files (bad VRs, RT dose, big-endian, compressed, multi-frame, ...), each given as a file
+    among its neighbours (its series read from their folder) and alone in a folder: read or refused with a
+    one-line error, never an internal error."""
+    files = sorted(PYDICOM_FILES.glob("*.dcm"))
+    assert len(files) > 50
+    outcomes = {"read": 0, "refused": 0}
+    for source in files:
+        alone = _mkdir(tmp_path / source.stem)
+        for given in (source, _copy(source, alone / source.name).parent):
+            try:
+                read_volume(given)
+                outcomes["read"] += 1
+            except InputError:
+                outcomes["refused"] += 1
+            except Exception as error:  # noqa: BLE001 - the point of the test
+                pytest.fail(f"{given}: {type(error).__name__}: {error}")
+    assert outcomes["read"] >= 4 and outcomes["refused"] > 0, outcomes
