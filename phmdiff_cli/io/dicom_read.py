@@ -45,7 +45,8 @@ PATIENT_STUDY_TAGS = (
     "StudyDescription", "FrameOfReferenceUID", "PositionReferenceIndicator", "BodyPartExamined",
 )  # fmt: skip
 #: Source tags kept in ``Volume.meta['dicom']``.
-SOURCE_TAGS = (*PATIENT_STUDY_TAGS, "SeriesInstanceUID", "SeriesNumber", "SeriesDescription", "Modality")
+SOURCE_TAGS = (*PATIENT_STUDY_TAGS, "SeriesInstanceUID", "SeriesNumber", "SeriesDescription", "Modality",
+               "Laterality")
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """Write a volume as a new *derived* DICOM series (uncompressed, one file per slice), with pydicom.
 
-The series is new (SeriesInstanceUID, SOPInstanceUIDs, ImageType DERIVED\\SECONDARY); patient, study and frame
-of reference come from the source series when the volume was read from DICOM, else they are new and marked
-synthetic. Each slice ``array[k]`` gets its own ImagePositionPatient; CT is stored as int16 Hounsfield units,
+The series is new (SeriesInstanceUID, SOPInstanceUIDs, ImageType DERIVED\\SECONDARY\\AXIAL for CT, OTHER for MR);
+patient, study and frame of reference come from the source series when the volume was read from DICOM, else they
+are new and marked synthetic. Each slice ``array[k]`` gets its own ImagePositionPatient; CT is stored as int16 Hounsfield units,
 MR as uint16/int16, with RescaleSlope/RescaleIntercept when the values are not integers that fit.
 """
 
@@ -102,6 +102,7 @@ def _base(volume: Volume, modality: str, now: dt.datetime) -> pydicom.Dataset:
         ("StudyDate", date),
         ("StudyTime", time),
         ("PositionReferenceIndicator", ""),
+        ("PatientPosition", ""),  # Type 2C for CT and MR: unknown for a non-DICOM source
         ("StudyInstanceUID", generate_uid()),
         ("FrameOfReferenceUID", generate_uid()),
     ):
@@ -114,7 +115,10 @@ def _base(volume: Volume, modality: str, now: dt.datetime) -> pydicom.Dataset:
     ds.SeriesDate, ds.SeriesTime, ds.ContentDate, ds.ContentTime = date, time, date, time
     name = volume.modality or modality.lower()
     ds.SeriesDescription = f"phmdiff synthetic {name}"[:64]
-    ds.ImageType = ["DERIVED", "SECONDARY"]
+    # Value 3 is required in the CT and MR Image modules: the axial kind of CT image, "OTHER" for MR.
+    ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL" if modality == "CT" else "OTHER"]
+    # Type 2C: the source's when it has one; else present and empty (unknown), as the General Series module asks.
+    ds.Laterality = source.get("Laterality", "") if source else ""
     origin = (
         f" from series {source['SeriesInstanceUID']}" if source and source.get("SeriesInstanceUID") else ""
     )
