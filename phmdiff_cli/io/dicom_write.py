@@ -2,8 +2,8 @@
 
 The series is new (SeriesInstanceUID, SOPInstanceUIDs, ImageType DERIVED\\SECONDARY\\AXIAL for CT, OTHER for MR);
 patient, study and frame of reference come from the source series when the volume was read from DICOM, else they
-are new and marked synthetic. Each slice ``array[k]`` gets its own ImagePositionPatient; CT is stored as int16 Hounsfield units,
-MR as uint16/int16, with RescaleSlope/RescaleIntercept when the values are not integers that fit.
+are new and marked synthetic. Each slice ``array[k]`` gets its own ImagePositionPatient; CT is stored as int16
+Hounsfield units, MR as uint16/int16, with RescaleSlope/RescaleIntercept when the values are not integers that fit.
 """
 
 from __future__ import annotations
