@@ -13,7 +13,8 @@ from conftest import data_root
 from phmdiff_cli.io import read_volume, write_volume
 from phmdiff_cli.io.nifti import ras_affine
 
-NIFTI = sorted(str(p.relative_to(data_root())) for p in data_root().rglob("*.nii*"))
+_ROOT = data_root()
+NIFTI = sorted(str(p.relative_to(_ROOT)) for p in _ROOT.rglob("*.nii*")) if _ROOT else []
 #: SimpleITK takes this file's qform (code 4, a flipped, shifted grid); the NIfTI standard, nibabel and
 #: FSL take its sform (code 4, the MNI grid), and so do we.
 QFORM_SFORM_CONFLICT = "templates_mni152_2mm/clinicaltbx_flair.nii"
