@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from model_store_helpers import hf_snapshot
@@ -215,6 +216,25 @@ def test_volumes_thinner_than_the_context_synthesize(
                  "--steps", "1")
     assert result.exit_code == 0, result.output
     assert read_volume(out).same_grid(read_volume(source), tol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 3), (300, 300, 4)])
+def test_tiny_and_larger_than_grid_images_synthesize(
+    shape: tuple[int, int, int], tmp_path: Path, model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 2 x 2 in-plane image, and one wider than the model grid's field of view (240 mm; the brain is cut, with a
+    warning): each gives an output on its own grid."""
+    import nibabel as nib
+
+    monkeypatch.setattr(synthesizer, "sample", identity_sample)
+    rng = np.random.default_rng(0)
+    source = tmp_path / "odd-t1n.nii.gz"
+    nib.save(nib.Nifti1Image(rng.uniform(0, 500, shape).astype(np.float32), np.eye(4)), source)
+    out = tmp_path / "out.nii.gz"
+    result = run("--src", source, "--target", "t2w", "-o", out, "--model", model, "--steps", "1")
+    assert result.exit_code == 0, result.output
+    assert read_volume(out).same_grid(read_volume(source), tol=1e-6)
+    assert ("cuts off" in result.stderr) == (shape[0] > 240)
 
 
 def test_a_single_dicom_slice_synthesizes(tmp_path: Path, model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
