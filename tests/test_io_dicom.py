@@ -249,3 +249,28 @@ def test_derived_series_pass_dciodvfy_and_dcm2niix_reads_them_back(
     back, expected = to_canonical(read_volume(converted / "back.nii.gz")), to_canonical(source)
     assert back.same_grid(expected, tol=1e-3), (back.origin, expected.origin)
     assert max_difference(back.array, expected.array) <= 1  # rounding to stored integers
+
+
+def test_an_unreadable_file_beside_a_series_is_skipped_with_a_warning(
+    data_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A DICOM file pydicom cannot read (here made to fail) does not hide the series beside it: the series reads
+    whole, and the warning names the file."""
+    folder = tmp_path / "series"
+    folder.mkdir()
+    originals = sorted(p for p in (data_dir / MR).iterdir() if is_dicom_file(p))
+    for path in originals:
+        (folder / path.name).symlink_to(path)
+    (folder / "zz-unreadable.dcm").write_bytes(originals[0].read_bytes())
+    dcmread = pydicom.dcmread
+
+    def failing(path: object, *args: object, **kwargs: object) -> pydicom.Dataset:
+        if str(path).endswith("zz-unreadable.dcm"):
+            raise pydicom.errors.InvalidDicomError("File is missing DICOM File Meta Information header")
+        return dcmread(path, *args, **kwargs)
+
+    monkeypatch.setattr(pydicom, "dcmread", failing)
+    with caplog.at_level("WARNING"):
+        volume = read_volume(folder)
+    assert volume.same_grid(cached_volume(data_dir / MR), tol=1e-6)
+    assert any("zz-unreadable.dcm: skipped: damaged DICOM file" in r.getMessage() for r in caplog.records)

@@ -96,10 +96,12 @@ def _header(path: Path) -> pydicom.Dataset | None:
 
 
 def list_series(folder: str | Path) -> list[SeriesInfo]:
-    """The DICOM series in ``folder`` (its files, not sub-folders), in order of SeriesNumber then UID.
+    """The DICOM series in ``folder`` (its files, not sub-folders), in order of SeriesNumber then UID. A damaged
+    DICOM file is skipped with a warning naming it, so one bad file does not hide its neighbours (a slice missing
+    from a series is then reported as such).
 
     Raises:
-        InputError: the folder cannot be listed, or a DICOM file in it is damaged.
+        InputError: the folder cannot be listed.
     """
     folder = Path(folder)
     try:
@@ -108,7 +110,11 @@ def list_series(folder: str | Path) -> list[SeriesInfo]:
         raise InputError(f"cannot list the folder ({error.strerror})", path=folder) from None
     groups: dict[str, list[pydicom.Dataset]] = {}
     for file in files:
-        header = _header(file)
+        try:
+            header = _header(file)
+        except InputError as error:
+            log.warning("%s: skipped: %s", file, error.problem)
+            continue
         if header is not None:
             groups.setdefault(str(header.get("SeriesInstanceUID", "")), []).append(header)
     series = [
