@@ -1,5 +1,7 @@
-"""Seeded header fuzzing: NIfTI-1 and NIfTI-2 files made from a real volume, with 1 to 4 header bytes changed,
-read by ``phmdiff info``: each gives an answer or a one-line error (exit 0 or 2), never an internal error."""
+"""Seeded header fuzzing: NIfTI-1 and NIfTI-2 files made from a real volume with 1 to 4 header bytes changed, and
+copies of a real 4-slice DICOM series (tests/data) with 1 to 6 header bytes changed in 1 to 3 files, read as
+``phmdiff info``, ``synthesize`` and ``eval`` read them: each gives an answer or a one-line error, never an
+internal error."""
 
 from __future__ import annotations
 
@@ -66,3 +68,32 @@ def _reads(path: Path) -> bool:
         return True
     except InputError:
         return False
+
+
+DICOM_MUTANTS = 150
+SERIES = Path(__file__).resolve().parent / "data" / "mr_t1_4slices"
+
+
+def test_mutated_dicom_headers_never_end_in_an_internal_error(tmp_path: Path) -> None:
+    originals = {p.name: p.read_bytes() for p in sorted(SERIES.glob("*.dcm"))}
+    header_bytes = 2048  # the tags before the pixel data (each file is 512 x 512 x 2 bytes of pixels after them)
+    rng = np.random.default_rng(2027)
+    outcomes = {"read": 0, "refused": 0}
+    for n in range(DICOM_MUTANTS):
+        folder = tmp_path / f"series-{n}"
+        folder.mkdir()
+        for name, data in originals.items():
+            (folder / name).write_bytes(data)
+        for name in rng.choice(sorted(originals), size=int(rng.integers(1, 4)), replace=False):
+            mutant = bytearray(originals[name])
+            for offset in rng.choice(header_bytes, size=int(rng.integers(1, 7)), replace=False):
+                mutant[offset] = int(rng.integers(0, 256))
+            (folder / name).write_bytes(bytes(mutant))
+        try:
+            read_volume(folder)
+            outcomes["read"] += 1
+        except InputError:
+            outcomes["refused"] += 1
+        except Exception as error:  # noqa: BLE001 - the point of the test
+            pytest.fail(f"DICOM mutant {n}: {type(error).__name__}: {error}")
+    assert outcomes["read"] > 0 and outcomes["refused"] > 0, outcomes

@@ -89,7 +89,7 @@ def _header(path: Path) -> pydicom.Dataset | None:
         header = pydicom.dcmread(path, stop_before_pixels=True)
         header.filename = str(path)
         return header
-    except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError) as error:
+    except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError, NotImplementedError) as error:
         raise InputError(
             f"damaged DICOM file ({type(error).__name__}: {str(error)[:120]})", path=path
         ) from None
