@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from phmdiff_cli.errors import InputError
 from phmdiff_cli.io import Volume, read_volume
 
-__all__ = ["cached_volume", "max_difference", "sitk_series"]
+__all__ = ["cached_volume", "max_difference", "sitk_series", "read_outcome"]
 
 
 @functools.lru_cache(maxsize=8)
@@ -33,3 +34,17 @@ def sitk_series(folder: Path) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
     return reader.Execute()
+
+
+def read_outcome(path: Path) -> str:
+    """``"read"`` or ``"refused"`` (a one-line :class:`InputError`) for an input as ``phmdiff`` reads it; any other
+    exception is an internal error and fails the calling test."""
+    import pytest
+
+    try:
+        read_volume(path)
+        return "read"
+    except InputError:
+        return "refused"
+    except Exception as error:  # noqa: BLE001 - the point of the callers
+        pytest.fail(f"{path}: {type(error).__name__}: {error}")
