@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import functools
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
 from phmdiff_cli.errors import InputError
 from phmdiff_cli.io import Volume, read_volume
 
-__all__ = ["cached_volume", "max_difference", "sitk_series", "read_outcome"]
+__all__ = ["cached_volume", "max_difference", "sitk_series", "read_outcome", "tool"]
 
 
 @functools.lru_cache(maxsize=8)
@@ -48,3 +51,14 @@ def read_outcome(path: Path) -> str:
         return "refused"
     except Exception as error:  # noqa: BLE001 - the point of the callers
         pytest.fail(f"{path}: {type(error).__name__}: {error}")
+
+
+def tool(name: str) -> str:
+    """The path of a command-line tool; under CI (which installs it) a missing tool fails the test, elsewhere
+    it skips."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is not installed (.ci/run installs dicom3tools and dcm2niix)")
+        pytest.skip(f"{name} is not installed (apt-get install dicom3tools dcm2niix)")
+    return path

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -11,7 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from io_helpers import cached_volume, max_difference, sitk_series
+from io_helpers import cached_volume, max_difference, sitk_series, tool
 
 from phmdiff_cli.errors import InputError
 from phmdiff_cli.io import Volume, read_volume, to_canonical, write_volume
@@ -213,16 +211,6 @@ def test_a_single_slice_is_a_one_slice_volume(tmp_path: Path, name: str) -> None
     assert read_volume(folder / name).same_grid(volume, tol=1e-6)  # the file itself stands for its series
 
 
-def _tool(name: str) -> str | None:
-    """The path of a command-line tool; under CI (which installs it) a missing tool fails the test."""
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{name} is not installed (.ci/run installs dicom3tools and dcm2niix)")
-        pytest.skip(f"{name} is not installed (apt-get install dicom3tools dcm2niix)")
-    return path
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "modality"),
@@ -234,7 +222,7 @@ def test_derived_series_pass_dciodvfy_and_dcm2niix_reads_them_back(
 ) -> None:
     """The reference DICOM validator (dicom3tools' dciodvfy) finds no Error in a derived MR or CT series, from a
     DICOM or a NIfTI source; dcm2niix, a converter nobody here wrote, puts it back on the source's grid."""
-    dciodvfy, dcm2niix = _tool("dciodvfy"), _tool("dcm2niix")
+    dciodvfy, dcm2niix = tool("dciodvfy"), tool("dcm2niix")
     source = read_volume(data_dir / name)
     source.modality = modality or source.modality
     out = write_volume(source, tmp_path / "derived", format="dicom")

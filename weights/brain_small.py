@@ -6,6 +6,7 @@ into ``weights/brain-small`` with a card that names the training data's licences
     python weights/brain_small.py tune     # fine-tune step 5000 with pose augmentation (~30 min here)
     python weights/brain_small.py ship [RUN]   # RUN/last (default runs/brain-small-tune) -> weights/brain-small
     python weights/brain_small.py all      # one run on every subject of weights/brain_data.json (~180 min)
+    python weights/brain_small.py all-tune # the shipped model fine-tuned on every subject (~95 min here)
 
 The validation subject, TCGA-DU-7294, is held out from training; it is also the example image in
 ``examples/`` (its T1), so the quickstart synthesizes a T2 the model has never seen.
@@ -53,11 +54,23 @@ ALL = [
     "--lr", "3e-4", "--ema-decay", "0.998", "--rotate", "10", "--zoom", "0.1", "--minutes", "180",
     "--val-every", "400", "--val-slices", "8", "--checkpoint-minutes", "10", "--out", "runs/brain-all",
 ]
+#: ``all-tune`` starts from the shipped model (three training subjects) and fine-tunes it on every training subject
+#: of the protocol (eight, from three sources) and its ten pairs: a fresh optimiser at the tune stage's LR, unmasked
+#: from the start (the model has had its masked pre-training), the LR decaying to 0 over the second half. A later
+#: session continues it with ``--init runs/brain-all-tune/last`` (or ``--resume`` while the run folder exists).
+ALL_TUNE = [
+    "phmdiff", "train", "--config", "weights/brain_data.json", "--init", "weights/brain-small",
+    "--batch-size", "8", "--lr", "1e-4", "--warmup-steps", "50", "--lr-cooldown", "0.5",
+    "--finetune-fraction", "0.99", "--ema-decay", "0.998", "--rotate", "10", "--zoom", "0.1", "--minutes", "95",
+    "--val-every", "500", "--val-slices", "8", "--checkpoint-minutes", "10", "--cache-dir", "runs/cache-protocol",
+    "--out", "runs/brain-all-tune",
+]
 STAGES = {
     "train": TRAIN,
     "extend": [*RESUME, "--max-steps", "5000"],
     "tune": TUNE,
     "all": ALL,
+    "all-tune": ALL_TUNE,
 }
 #: The data's terms, from ../shared/data/README.md: weights inherit them.
 LICENCES = {

@@ -7,6 +7,9 @@ read. A stack with gantry tilt (slices shifted in-plane from one to the next) or
 onto a regular grid perpendicular to the slices, and a warning says so; missing slices and duplicate positions
 are errors. SimpleITK alone would stack such series as if regular (it only prints a warning), which misplaces
 every slice.
+
+An enhanced (multi-frame) image is one file: its frames are placed by their functional groups
+(:func:`~phmdiff_cli.io.dicom_stack.frame_stack`), decoded by pydicom and rescaled frame by frame.
 """
 
 from __future__ import annotations
@@ -177,7 +180,10 @@ def _undecodable(files: list[str]) -> str | None:
 
 
 def _pixels(stack: SliceStack, folder: Path) -> np.ndarray:
-    """Rescaled voxels ``(slice, row, column)`` in stack order, decoded by GDCM."""
+    """Rescaled voxels ``(slice, row, column)`` in stack order, decoded by GDCM (the frames of a multi-frame
+    file by :func:`_frame_pixels`)."""
+    if stack.frames is not None:
+        return _frame_pixels(stack)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(stack.files)
     try:
@@ -195,6 +201,28 @@ def _pixels(stack: SliceStack, folder: Path) -> np.ndarray:
             path=folder,
         )
     return array
+
+
+def _frame_pixels(stack: SliceStack) -> np.ndarray:
+    """The frames of a multi-frame file ``(frame, row, column)`` in stack order, each rescaled by its own
+    PixelValueTransformation (per frame, else shared, else the top-level RescaleSlope / RescaleIntercept)."""
+    path = stack.files[0]
+    try:
+        header = pydicom.dcmread(path)
+        array = header.pixel_array.reshape(-1, *stack.shape)
+    except (ValueError, RuntimeError, NotImplementedError, AttributeError, TypeError) as error:
+        raise InputError(f"cannot decode the multi-frame pixel data ({str(error)[:120]})", path=path,
+                         hint="convert it to NIfTI first (dcm2niix)") from None
+    if len(array) != len(stack.frames):
+        raise InputError(f"pixel data holds {len(array)} frames, the header {len(stack.frames)}", path=path)
+    shared = (header.get("SharedFunctionalGroupsSequence") or [pydicom.Dataset()])[0]
+    scaled = np.empty(array.shape, dtype=np.float32)
+    for index, frame in enumerate(header.PerFrameFunctionalGroupsSequence):
+        found = frame.get("PixelValueTransformationSequence") or shared.get("PixelValueTransformationSequence")
+        transform = found[0] if found else header
+        slope = float(transform.get("RescaleSlope") or 1.0)
+        scaled[index] = array[index] * slope + float(transform.get("RescaleIntercept") or 0.0)
+    return scaled[stack.frames]
 
 
 def _modality(series: SeriesInfo) -> str | None:

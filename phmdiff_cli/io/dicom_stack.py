@@ -20,6 +20,7 @@ from phmdiff_cli.io.volume import Grid
 __all__ = [
     "SliceStack",
     "slice_stack",
+    "frame_stack",
     "classify_steps",
     "regular_grid",
     "resample_stack",
@@ -45,6 +46,8 @@ class SliceStack:
     pixel_spacing: tuple[float, float]  # (x, y) mm
     shape: tuple[int, int]  # (rows, columns)
     thickness: float = 1.0  # mm: the slice step of a single slice (SpacingBetweenSlices or SliceThickness)
+    #: For the frames of one multi-frame file (``files`` then repeats its name): each slice's frame index.
+    frames: np.ndarray | None = None
 
     @property
     def depths(self) -> np.ndarray:
@@ -52,67 +55,113 @@ class SliceStack:
         return self.positions @ self.normal
 
 
-def _float_tag(header: pydicom.Dataset, keyword: str, count: int) -> np.ndarray:
+def _float_tag(header: pydicom.Dataset, keyword: str, count: int, path: str | None = None) -> np.ndarray:
+    """``count`` finite floats of ``keyword``; errors name ``path`` (default the header's file)."""
+    path = path or header.filename
     value = header.get(keyword)
     if value is None:
-        raise InputError(
-            f"no {keyword} in this slice (damaged file, or not an image slice)", path=header.filename
-        )
+        raise InputError(f"no {keyword} in this slice (damaged file, or not an image slice)", path=path)
     try:
         array = np.asarray([float(v) for v in (value if count > 1 else [value])], dtype=np.float64)
     except (TypeError, ValueError):
-        raise InputError(f"malformed {keyword} {value!r}", path=header.filename) from None
+        raise InputError(f"malformed {keyword} {value!r}", path=path) from None
     if array.shape != (count,) or not np.all(np.isfinite(array)):
-        raise InputError(f"malformed {keyword} {value!r}", path=header.filename)
+        raise InputError(f"malformed {keyword} {value!r}", path=path)
     return array
 
 
 def slice_stack(headers: list[pydicom.Dataset], folder: Path) -> SliceStack:
     """Check that the slices of a series share orientation, matrix and pixel spacing; sort them along the
-    normal.
+    normal. An enhanced multi-frame file is read frame by frame (:func:`frame_stack`).
 
     Raises:
-        InputError: multi-frame files, missing or inconsistent geometry tags. A single slice is a one-slice
-            stack, as thick as its SpacingBetweenSlices or SliceThickness (else 1 mm).
+        InputError: several multi-frame files, missing or inconsistent geometry tags. A single slice is a
+            one-slice stack, as thick as its SpacingBetweenSlices or SliceThickness (else 1 mm).
     """
     if any(int(h.get("NumberOfFrames") or 1) > 1 for h in headers):
-        raise InputError(
-            "multi-frame (enhanced) DICOM is not supported",
-            path=headers[0].filename,
-            hint="convert it to a NIfTI file first (e.g. dcm2niix)",
-        )
-    orientation = _float_tag(headers[0], "ImageOrientationPatient", 6)
-    spacing = _float_tag(headers[0], "PixelSpacing", 2)
+        if len(headers) > 1:
+            raise InputError(f"a series of {len(headers)} files of which some are multi-frame", path=folder,
+                             hint="give one multi-frame file, or convert the series to NIfTI (dcm2niix)")
+        return frame_stack(headers[0])
     shape = (int(headers[0].get("Rows") or 0), int(headers[0].get("Columns") or 0))
     for h in headers[1:]:
-        if not np.allclose(_float_tag(h, "ImageOrientationPatient", 6), orientation, atol=1e-4):
-            raise InputError(
-                "slices of this series have different orientations (e.g. a localizer)",
-                path=h.filename,
-                hint="remove the odd slices or pick another series",
-            )
-        if (int(h.get("Rows") or 0), int(h.get("Columns") or 0)) != shape or not np.allclose(
-            _float_tag(h, "PixelSpacing", 2), spacing, rtol=1e-4
-        ):
-            raise InputError(
-                "slices of this series have different matrix sizes or pixel spacings", path=h.filename
-            )
+        if (int(h.get("Rows") or 0), int(h.get("Columns") or 0)) != shape:
+            raise InputError("slices of this series have different matrix sizes", path=h.filename)
+    return _sorted_stack(
+        [str(h.filename) for h in headers],
+        [_float_tag(h, "ImageOrientationPatient", 6) for h in headers],
+        [_float_tag(h, "PixelSpacing", 2) for h in headers],
+        np.stack([_float_tag(h, "ImagePositionPatient", 3) for h in headers]),
+        shape, _thickness(headers[0]), what="slices of this series",
+    )
+
+
+def frame_stack(header: pydicom.Dataset) -> SliceStack:
+    """The frames of an enhanced (multi-frame) MR or CT image as a stack, from its functional groups: each
+    frame's PlanePosition, and PlaneOrientation and PixelMeasures per frame or shared.
+
+    Raises:
+        InputError: a multi-frame object without per-frame geometry (RT dose, ultrasound, secondary capture),
+            or frames that disagree on orientation or pixel spacing (several stacks in one file).
+    """
+    path, frames = str(header.filename), int(header.NumberOfFrames)
+    per_frame = header.get("PerFrameFunctionalGroupsSequence") or []
+    if len(per_frame) != frames:
+        raise InputError(
+            f"a {frames}-frame DICOM object without per-frame plane positions "
+            f"({header.get('Modality') or 'unknown'} modality; not an enhanced MR or CT image)",
+            path=path, hint="give an MR or CT image series",
+        )
+
+    def group(index: int, sequence: str, keyword: str) -> pydicom.Dataset:
+        for item in (per_frame[index], *(header.get("SharedFunctionalGroupsSequence") or [])[:1]):
+            found = item.get(sequence)
+            if found and keyword in found[0]:
+                return found[0]
+        raise InputError(f"frame {index + 1} has no {keyword} ({sequence})", path=path)
+
+    indices = range(frames)
+    pixel_measures = group(0, "PixelMeasuresSequence", "PixelSpacing")
+    return _sorted_stack(
+        [path] * frames,
+        [_float_tag(group(i, "PlaneOrientationSequence", "ImageOrientationPatient"), "ImageOrientationPatient",
+                    6, path) for i in indices],
+        [_float_tag(group(i, "PixelMeasuresSequence", "PixelSpacing"), "PixelSpacing", 2, path) for i in indices],
+        np.stack([_float_tag(group(i, "PlanePositionSequence", "ImagePositionPatient"), "ImagePositionPatient",
+                             3, path) for i in indices]),
+        (int(header.get("Rows") or 0), int(header.get("Columns") or 0)),
+        _thickness(pixel_measures), what="frames of this file", frames=True,
+    )
+
+
+def _sorted_stack(files: list[str], orientations: list[np.ndarray], spacings: list[np.ndarray],
+                  positions: np.ndarray, shape: tuple[int, int], thickness: float, *, what: str,
+                  frames: bool = False) -> SliceStack:
+    """A stack of N slices (or frames of one file) checked to share orientation and pixel spacing, sorted
+    along the normal; ``positions`` (N, 3) LPS mm."""
+    orientation, spacing = orientations[0], spacings[0]
+    for i in range(1, len(files)):
+        if not np.allclose(orientations[i], orientation, atol=1e-4):
+            raise InputError(f"{what} have different orientations (e.g. a localizer, or several stacks)",
+                             path=files[i], hint="remove the odd slices or pick another series")
+        if not np.allclose(spacings[i], spacing, rtol=1e-4):
+            raise InputError(f"{what} have different pixel spacings", path=files[i])
     row, col = orientation[:3], orientation[3:]
     if abs(np.linalg.norm(row) - 1) > 1e-3 or abs(np.linalg.norm(col) - 1) > 1e-3 or abs(row @ col) > 1e-3:
-        raise InputError(f"invalid ImageOrientationPatient {orientation.tolist()}", path=headers[0].filename)
+        raise InputError(f"invalid ImageOrientationPatient {orientation.tolist()}", path=files[0])
     row, col = row / np.linalg.norm(row), col / np.linalg.norm(col)
     normal = np.cross(row, col)
-    positions = np.stack([_float_tag(h, "ImagePositionPatient", 3) for h in headers])
     order = np.argsort(positions @ normal, kind="stable")
     return SliceStack(
-        files=[str(headers[i].filename) for i in order],
+        files=[files[i] for i in order],
         positions=positions[order],
         row=row,
         col=col,
         normal=normal,
         pixel_spacing=(float(spacing[1]), float(spacing[0])),
         shape=shape,
-        thickness=_thickness(headers[0]),
+        thickness=thickness,
+        frames=order if frames else None,
     )
 
 
