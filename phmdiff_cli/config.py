@@ -37,7 +37,7 @@ from phmdiff_cli.data.normalize import SOURCE_NORMS
 from phmdiff_cli.errors import InputError
 from phmdiff_cli.modalities import MODALITIES
 
-__all__ = ["DiffusionConfig", "SamplingConfig", "ModelConfig", "SIZES", "model_config"]
+__all__ = ["SAMPLERS", "DiffusionConfig", "SamplingConfig", "ModelConfig", "SIZES", "model_config"]
 
 
 @dataclass
@@ -79,6 +79,10 @@ class DiffusionConfig:
     cgr_pixel: float = 0.1
     cgr_structure: float = 0.05
     cgr_feature: float = 0.01
+
+
+#: The ODE solvers of :class:`~phmdiff_cli.diffusion.schedulers.EDMScheduler`: every sampler name is checked here.
+SAMPLERS = ("heun", "euler")
 
 
 @dataclass
@@ -188,7 +192,7 @@ class ModelConfig:
             raise bad("hidden sizes must be divisible by their head counts", "e.g. hidden 256 with 4 heads")
         if self.source_norm not in SOURCE_NORMS:
             raise bad(f"source_norm {self.source_norm!r}", f"use one of {', '.join(SOURCE_NORMS)}")
-        if len(self.sampling.steps) != self.levels or self.sampling.sampler not in ("heun", "euler"):
+        if len(self.sampling.steps) != self.levels or self.sampling.sampler not in SAMPLERS:
             raise bad(f"sampling {self.sampling}", "one step count per level; sampler heun or euler")
 
     @property

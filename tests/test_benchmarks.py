@@ -79,3 +79,21 @@ def test_hist_matched_baseline_maps_the_source_onto_the_real_target_histogram(
     stacked = baselines.stack({k: v[None] for k, v in sample.items()}, pairs)
     assert stacked.shape == (1, 2 * 3, 240, 240)
     assert not stacked[0, :3].any() and torch.equal(stacked[0, 3:], sample["source"][0])
+
+
+def test_clinical_inputs_scores_and_histogram_baseline_on_a_real_block() -> None:
+    import clinical_inputs
+
+    from phmdiff_cli.io import read_volume
+
+    t1 = read_volume(Path(__file__).resolve().parents[1] / "examples" / "TCGA-DU-7294-t1n.nii.gz")
+    block = t1.array[60:76, 60:180, 50:190].astype(np.float32)
+    mask = block > 0
+    # the quantile map puts exactly the reference's values inside the mask, in the (inverted) source's order
+    reference = np.sqrt(block)
+    matched = clinical_inputs.hist_matched(block, reference, mask, invert=True)
+    np.testing.assert_allclose(np.sort(matched[mask]), np.sort(reference[mask]), rtol=1e-6)
+    assert np.corrcoef(matched[mask], block[mask])[0, 1] < -0.9 and np.all(matched[~mask] == 0)
+    same = clinical_inputs.scores(block, block, mask)
+    assert same["ssim"] == pytest.approx(1.0) and same["psnr"] == float("inf")
+    assert clinical_inputs.scores(block * 2.0, block, mask)["ssim"] == pytest.approx(1.0)  # each on its own scale

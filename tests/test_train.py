@@ -116,6 +116,10 @@ def test_run_writes_a_loadable_model(trained: Path) -> None:
     assert last.card["training"]["subjects"]["val"] == split["val"]
     assert last.card["training"]["data"]["layout"] == "brats2023"
     assert set(last.card["metrics"]["val"]) == {*PAIRS.split(","), "mean"}
+    # the training subject's source images, measured for synthesize's input checks: a skull-stripped BraTS brain
+    domain = last.card["input_domain"]
+    assert domain["images"] == len({p.split(":")[0] for p in PAIRS.split(",")})
+    assert 1000 < domain["foreground_ml"][0] <= domain["foreground_ml"][1] < 1700 and domain["slice_mm"] == [1, 1]
     saved = json.loads((trained / "train_config.json").read_text())
     assert saved["settings"]["max_steps"] == 12 and saved["model"]["spacing_mm"] == 3.75
     assert load_training_state(trained / "state").extra["run"]["step"] == 12

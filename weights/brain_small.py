@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 
 from phmdiff_cli.engine.checkpoint import INT8_SCALE, load_model, quantize_int8, save_model
+from phmdiff_cli.engine.settings import TrainSettings, load_settings
+from phmdiff_cli.engine.train_data import load_data, training_domain
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "runs" / "brain-small"
@@ -92,6 +94,18 @@ CARD_NOTES = {
 }
 
 
+def input_domain(card: dict) -> dict:
+    """The card's ``input_domain``, measured from its training subjects when the card lacks it (cards of runs
+    trained before the trainer measured it)."""
+    if "input_domain" in card:
+        return card["input_domain"]
+    training = card["training"]
+    fields = set(TrainSettings.__dataclass_fields__)
+    settings = load_settings(None, {k: v for k, v in training["settings"].items() if k in fields and v is not None})
+    subjects = training["subjects"]
+    return training_domain(load_data(settings, split={**subjects, "rule": subjects["split"]}))
+
+
 def ship(run: Path) -> Path:
     """Copy the run's last (EMA) model here, its matrices and kernels as int8 with a float32 scale per row and
     the rest as float16 (a quarter of the size; loaded back as float32); the card's data root becomes the
@@ -105,8 +119,8 @@ def ship(run: Path) -> Path:
     training["licences"] = LICENCES
     training["recipe"] = "python weights/brain_small.py train, extend, then tune"
     training["stored_dtype"] = "int8 per row (matrices, kernels), float16 (the rest)"
-    return save_model(ROOT / "weights" / "brain-small", state, {**card, "training": training, **CARD_NOTES},
-                      force=True)
+    card = {**card, "training": training, "input_domain": input_domain(card), **CARD_NOTES}
+    return save_model(ROOT / "weights" / "brain-small", state, card, force=True)
 
 
 def main() -> None:

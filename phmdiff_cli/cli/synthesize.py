@@ -174,10 +174,12 @@ def _plan_cases(
 
 @dataclass(frozen=True)
 class _Reading:
-    """How sources are read: their modalities when given (``--src-modality``), the DICOM series to pick."""
+    """How sources are read: their modalities when given (``--src-modality``), the DICOM series to pick, the
+    brain mask (``--brain-mask``)."""
 
     modalities: list[str]
     series_uid: str | None
+    brain_mask: str | None = None  # a path, or a pattern like -o's
 
 
 def _read_sources(case: _Case, reading: _Reading) -> list[Volume]:
@@ -199,6 +201,14 @@ def _read_sources(case: _Case, reading: _Reading) -> list[Volume]:
             )
         volumes.append(volume)
     return volumes
+
+
+def _read_mask(case: _Case, reading: _Reading) -> Volume | None:
+    """The case's ``--brain-mask`` (a pattern filled from its first source), or None."""
+    if reading.brain_mask is None:
+        return None
+    path = fill_pattern(reading.brain_mask, case.sources[0])
+    return read_volume(path, series_uid=reading.series_uid if path.is_dir() else None)
 
 
 def _duration(seconds: float) -> str:
@@ -258,6 +268,12 @@ def synthesize(
     ),
     series_uid: str | None = typer.Option(
         None, "--series-uid", help="The DICOM series to read from source folders that hold several."
+    ),
+    brain_mask: str | None = typer.Option(
+        None,
+        "--brain-mask",
+        help="Brain mask of the sources (NIfTI or DICOM, any grid; nonzero = brain): the sources are used inside "
+        "it, the output is background outside. With --list a pattern like -o's, e.g. '{parent}/{stem}_mask.nii.gz'.",
     ),
     list_file: str | None = typer.Option(
         None,
@@ -322,6 +338,11 @@ def synthesize(
     [0, hi] where hi is that source's foreground 99.5th percentile (so a T2 from a T1 has the T1's range);
     from CT alone, [0, 1000].
 
+    Each source is checked against what the model was trained on (its card's input_domain): a head that is not
+    skull-stripped, slices further apart or voxels coarser than the training images' get a warning on stderr and
+    in --json ("warnings"). Slices thicker than the model's are made thin for synthesis and the output averaged
+    back onto them.
+
     Exit codes: 0 ok, 1 internal error, 2 bad input, 3 some cases of a --list failed (the others are written).
     """
     from phmdiff_cli.engine.device import compile_model, resolve_device, resolve_precision
@@ -369,7 +390,7 @@ def synthesize(
         )
 
     started = time.perf_counter()
-    reading = _Reading(modalities, series_uid)
+    reading = _Reading(modalities, series_uid, brain_mask)
     records = _run_all(cases, synth, target, reading, fmt, common, batch=batch, quiet=quiet)
     failed = [c for c in cases if c.error is not None]
     document = {
@@ -481,11 +502,14 @@ def _run_case(
     """Read, synthesize and write one case; its JSON record."""
     start = time.perf_counter()
     volumes = _read_sources(case, reading)
+    mask = _read_mask(case, reading)
     read_s = time.perf_counter() - start
-    result = synth.run(volumes, target, on_batch=on_batch)
+    result = synth.run(volumes, target, mask=mask, on_batch=on_batch)
     if not quiet:
         for note in result.notes:
             console.print(f"[yellow]Note:[/] {escape(note)}", soft_wrap=True)
+        for warning in result.warnings:
+            console.print(f"[bold yellow]Warning:[/] {escape(warning)}", soft_wrap=True)
     write_start = time.perf_counter()
     write_volume(result.image, case.output, force=case.force[0], format=fmt)  # type: ignore[arg-type]
     if case.uncertainty is not None and result.std is not None:  # --uncertainty requires --samples >= 2
@@ -508,6 +532,8 @@ def _run_case(
         "skipped_slices": result.skipped,
         "batch_size_used": result.batch_size,
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
+        "brain_mask": str(mask.meta.get("path")) if mask is not None else None,
         "notes": result.notes,
+        "warnings": result.warnings,
         **common,
     }

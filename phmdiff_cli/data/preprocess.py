@@ -27,7 +27,8 @@ from phmdiff_cli.errors import InputError
 from phmdiff_cli.io import Volume, canonical_grid, from_canonical, read_volume, to_canonical
 from phmdiff_cli.modalities import is_ct
 
-__all__ = ["Prepared", "prepare_volume", "restore_volume", "resample_onto", "load_subject"]
+__all__ = ["Prepared", "prepare_volume", "restore_volume", "resample_onto", "thin_slices", "thicken_onto",
+           "load_subject"]
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,31 @@ def resample_onto(volume: Volume, reference: Volume, *, nearest: bool) -> Volume
     out = sitk.Resample(image, reference.to_sitk(), sitk.Transform(), interpolator, float(volume.array.min()))
     meta = {**volume.meta, "resampled_onto": reference.meta.get("path")}
     return Volume.from_sitk(out, modality=volume.modality, meta=meta)
+
+
+def thin_slices(volume: Volume, step_mm: float, *, nearest: bool = False) -> Volume:
+    """``volume`` on its canonical grid with axial slices ``step_mm`` apart, from its first slice to its last
+    (linear, or nearest for masks): thick slices made thin, so that the 2.5-D context of a slice holds its physical
+    neighbours. The in-plane grid is unchanged."""
+    canonical = to_canonical(volume)
+    sx, sy, sz = canonical.spacing
+    count = max(1, round((canonical.shape[0] - 1) * sz / step_mm) + 1)
+    reference = Volume(np.zeros((count, *canonical.shape[1:]), dtype=np.uint8), np.array([sx, sy, step_mm]),
+                       canonical.origin, canonical.direction, meta=dict(volume.meta))
+    thin = resample_onto(canonical, reference, nearest=nearest)
+    return reference.with_array(thin.array, modality=volume.modality)
+
+
+def thicken_onto(volume: Volume, reference: Volume) -> Volume:
+    """Inverse of :func:`thin_slices`: a thin-slice ``volume`` back onto ``reference``'s exact grid (its meta
+    kept). A thick slice integrates its thickness, so each thin slice is first averaged with the thin slices within
+    the thick slice's step (a box along the slices), then sampled at the thick slices' centres (linear)."""
+    from scipy import ndimage  # only needed here; keeps `phmdiff --help` fast
+
+    width = max(1, round(float(canonical_grid(reference).spacing[2]) / float(volume.spacing[2])))
+    box = ndimage.uniform_filter1d(volume.array.astype(np.float32), width, axis=0, mode="nearest")
+    back = resample_onto(volume.with_array(box), reference, nearest=False)
+    return reference.with_array(back.array.astype(np.float32), modality=volume.modality)
 
 
 def load_subject(

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor, nn
 
+from phmdiff_cli.config import DiffusionConfig, ModelConfig
 from phmdiff_cli.diffusion.cgr import cgr_feature, cgr_pixel, cgr_structure
 from phmdiff_cli.diffusion.edm import precondition, sample_sigma
 from phmdiff_cli.diffusion.pyramid import image_pyramid, upsample
@@ -59,76 +62,122 @@ def training_loss(
         ``cgr_pixel``, ``cgr_structure``, ``cgr_feature`` and ``denoise_l{level}`` (tensors, so logging them
         costs no device sync until the caller asks).
     """
-    cfg, dcfg = model.config, model.config.diffusion
+    cfg = model.config
     source, src_mod, tgt_mod, target = batch["source"], batch["src_mod"], batch["tgt_mod"], batch["target"]
     check_batch(model, source, src_mod, tgt_mod)
-    b, device, levels = target.shape[0], target.device, list(range(cfg.levels))
     targets, sources = image_pyramid(target, cfg.levels), image_pyramid(source, cfg.levels)
-
-    coarses: list[Tensor | None] = [None]
-    for level in levels[1:]:
-        aug = torch.rand(b, 1, 1, 1, device=device, generator=generator) * dcfg.coarse_noise
-        previous = targets[level - 1]
-        noisy = previous + aug * torch.randn(previous.shape, device=device, generator=generator)
-        coarses.append(upsample(noisy, cfg.level_size(level)))
-
-    keeps: list[Tensor | None] = []
-    for level in levels:
-        ratio = cfg.mask_ratios[level] if mask_ratio is None else mask_ratio
-        keeps.append(None if ratio <= 0 else block_mask(b, cfg.grid_size(level), ratio, cfg.mask_block_sizes,
-                                                        device=device, generator=generator))
-
-    scalings, noisy_x, inputs, labels = [], [], [], []
-    for level in levels:
-        sigma = sample_sigma(b, dcfg.p_mean, dcfg.p_std, device=device, generator=generator)
-        start = cfg.sampling.sigma_max
-        if level > 0 and dcfg.refine_sigma > 0:  # a finer level starting to sample there never sees more
-            start = dcfg.refine_sigma
-            sigma = sigma.clamp(max=start)
-        if dcfg.p_sigma_max > 0:
-            top = torch.rand(b, device=device, generator=generator) < dcfg.p_sigma_max
-            sigma = torch.where(top, torch.full_like(sigma, start), sigma)
-        c_skip, c_out, c_in, c_noise = precondition(sigma, dcfg.sigma_data)
-        x = targets[level] + sigma.reshape(-1, 1, 1, 1) * torch.randn(
-            targets[level].shape, device=device, generator=generator)
-        scalings.append((c_skip, c_out))
-        noisy_x.append(x)
-        inputs.append(c_in * x)
-        labels.append(c_noise)
-    outs, feats = model.forward_levels(inputs, labels, sources, coarses, src_mod, tgt_mod, levels=levels,
-                                       keeps=keeps)
-
-    logs: dict[str, Tensor] = {}
-    denoised, denoise_total, mae_total = [], target.new_zeros(()), target.new_zeros(())
-    for level in levels:
-        (c_skip, c_out), x, out = scalings[level], noisy_x[level], outs[level].float()
-        err = (out - (targets[level] - c_skip * x) / c_out) ** 2
-        kept = _kept_pixels(keeps[level], cfg.grid_size(level), cfg.patch_sizes[level], err)
-        level_denoise = _masked_mean(err, kept)
-        denoise_total = denoise_total + level_denoise
-        if keeps[level] is not None:
-            mae_total = mae_total + _masked_mean(err, 1 - kept)
-        logs[f"denoise_l{level}"] = level_denoise.detach()
-        denoised.append(c_skip * x + c_out * out)
-
-    loss = (denoise_total + dcfg.mae_weight * mae_total) / cfg.levels
-    cgr = {"cgr_pixel": target.new_zeros(()), "cgr_structure": target.new_zeros(()),
-           "cgr_feature": target.new_zeros(())}
-    for level in levels[1:]:
-        fine, coarse = denoised[level], denoised[level - 1]
-        if dcfg.cgr_pixel:
-            cgr["cgr_pixel"] = cgr["cgr_pixel"] + cgr_pixel(fine, coarse)
-        if dcfg.cgr_structure:
-            cgr["cgr_structure"] = cgr["cgr_structure"] + cgr_structure(fine, coarse)
-        if dcfg.cgr_feature:
-            cgr["cgr_feature"] = cgr["cgr_feature"] + cgr_feature(feats[level], feats[level - 1],
-                                                                  generator=generator)
-    pairs = max(cfg.levels - 1, 1)
-    loss = loss + (dcfg.cgr_pixel * cgr["cgr_pixel"] + dcfg.cgr_structure * cgr["cgr_structure"]
-                   + dcfg.cgr_feature * cgr["cgr_feature"]) / pairs
-    logs.update(denoise=(denoise_total / cfg.levels).detach(), mae=(mae_total / cfg.levels).detach(),
+    # The random draws keep this order (coarse conditions, masks, noise): a resumed run repeats its steps exactly.
+    coarses = coarse_conditions(targets, cfg, generator)
+    keeps = token_masks(target.shape[0], cfg, mask_ratio, device=target.device, generator=generator)
+    noised = [noised_target(targets[level], level, cfg, generator) for level in range(cfg.levels)]
+    outs, feats = model.forward_levels([n.input for n in noised], [n.label for n in noised], sources, coarses,
+                                       src_mod, tgt_mod, levels=list(range(cfg.levels)), keeps=keeps)
+    denoise, mae, denoised, logs = denoising_losses(outs, noised, targets, keeps, cfg)
+    cgr = cgr_losses(denoised, feats, cfg.diffusion, generator)
+    d, pairs = cfg.diffusion, max(cfg.levels - 1, 1)
+    loss = (denoise + d.mae_weight * mae) / cfg.levels + (
+        d.cgr_pixel * cgr["cgr_pixel"] + d.cgr_structure * cgr["cgr_structure"] + d.cgr_feature * cgr["cgr_feature"]
+    ) / pairs
+    logs.update(denoise=(denoise / cfg.levels).detach(), mae=(mae / cfg.levels).detach(),
                 **{k: (v / pairs).detach() for k, v in cgr.items()})
     return loss, logs
+
+
+def coarse_conditions(targets: list[Tensor], cfg: ModelConfig, generator: torch.Generator | None
+                      ) -> list[Tensor | None]:
+    """Per level, the coarse condition of training: None at level 0; for l > 0 the ground truth of level l - 1
+    plus Gaussian noise of a per-sample std drawn from [0, ``coarse_noise``) (cascaded diffusion's conditioning
+    augmentation), upsampled to level l."""
+    coarses: list[Tensor | None] = [None]
+    for level in range(1, cfg.levels):
+        previous = targets[level - 1]
+        aug = torch.rand(previous.shape[0], 1, 1, 1, device=previous.device, generator=generator)
+        noisy = previous + aug * cfg.diffusion.coarse_noise * torch.randn(
+            previous.shape, device=previous.device, generator=generator)
+        coarses.append(upsample(noisy, cfg.level_size(level)))
+    return coarses
+
+
+def token_masks(batch: int, cfg: ModelConfig, mask_ratio: float | None, *, device: torch.device,
+                generator: torch.Generator | None) -> list[Tensor | None]:
+    """Per level, the (B, N_keep) indices of the tokens the encoder sees (MaskDiT), or None when unmasked."""
+    keeps: list[Tensor | None] = []
+    for level in range(cfg.levels):
+        ratio = cfg.mask_ratios[level] if mask_ratio is None else mask_ratio
+        keeps.append(None if ratio <= 0 else block_mask(batch, cfg.grid_size(level), ratio, cfg.mask_block_sizes,
+                                                        device=device, generator=generator))
+    return keeps
+
+
+class NoisedTarget(NamedTuple):
+    """One level's target with training noise: ``x = y + sigma * n``, its EDM scalings, the network input
+    ``c_in * x`` and noise label ``c_noise``; all (B, 1, h, w) or broadcastable (B, 1, 1, 1), labels (B,)."""
+
+    x: Tensor
+    c_skip: Tensor
+    c_out: Tensor
+    input: Tensor
+    label: Tensor
+
+
+def noised_target(target: Tensor, level: int, cfg: ModelConfig, generator: torch.Generator | None) -> NoisedTarget:
+    """Draw a level's training noise: log-normal sigma (EDM), a ``p_sigma_max`` share at the level's starting
+    sigma (the decisive first evaluation of sampling), finer levels capped at ``refine_sigma`` when they sample
+    from the coarser sample (SDEdit)."""
+    d = cfg.diffusion
+    sigma = sample_sigma(target.shape[0], d.p_mean, d.p_std, device=target.device, generator=generator)
+    start = cfg.sampling.sigma_max
+    if level > 0 and d.refine_sigma > 0:  # a finer level starting to sample there never sees more
+        start = d.refine_sigma
+        sigma = sigma.clamp(max=start)
+    if d.p_sigma_max > 0:
+        top = torch.rand(target.shape[0], device=target.device, generator=generator) < d.p_sigma_max
+        sigma = torch.where(top, torch.full_like(sigma, start), sigma)
+    c_skip, c_out, c_in, c_noise = precondition(sigma, d.sigma_data)
+    x = target + sigma.reshape(-1, 1, 1, 1) * torch.randn(target.shape, device=target.device, generator=generator)
+    return NoisedTarget(x, c_skip, c_out, c_in * x, c_noise)
+
+
+def denoising_losses(outs: list[Tensor], noised: list[NoisedTarget], targets: list[Tensor],
+                     keeps: list[Tensor | None], cfg: ModelConfig
+                     ) -> tuple[Tensor, Tensor, list[Tensor], dict[str, Tensor]]:
+    """The EDM loss ``lambda(sigma) |D - y|^2`` in F-space (``|F - (y - c_skip x) / c_out|^2``: the same value,
+    better conditioned) on the pixels of kept tokens, and the same error on masked tokens (the ``mae`` term).
+
+    Returns:
+        ``(denoise, mae, denoised, logs)``: the two sums over levels, each level's denoised prediction D
+        (B, 1, h, w), and the per-level ``denoise_l{level}`` logs.
+    """
+    denoise, mae = targets[0].new_zeros(()), targets[0].new_zeros(())
+    denoised, logs = [], {}
+    for level, (out, n) in enumerate(zip(outs, noised, strict=True)):
+        out = out.float()
+        err = (out - (targets[level] - n.c_skip * n.x) / n.c_out) ** 2
+        kept = _kept_pixels(keeps[level], cfg.grid_size(level), cfg.patch_sizes[level], err)
+        level_denoise = _masked_mean(err, kept)
+        denoise = denoise + level_denoise
+        if keeps[level] is not None:
+            mae = mae + _masked_mean(err, 1 - kept)
+        logs[f"denoise_l{level}"] = level_denoise.detach()
+        denoised.append(n.c_skip * n.x + n.c_out * out)
+    return denoise, mae, denoised, logs
+
+
+def cgr_losses(denoised: list[Tensor], feats: list[Tensor], d: DiffusionConfig, generator: torch.Generator | None
+               ) -> dict[str, Tensor]:
+    """Cross-Granularity Regularization, summed over adjacent level pairs: pixel and structure agreement of the
+    denoised predictions, kernel MMD of the encoder tokens (terms with weight 0 are not computed)."""
+    zero = denoised[0].new_zeros(())
+    cgr = {"cgr_pixel": zero, "cgr_structure": zero, "cgr_feature": zero}
+    for level in range(1, len(denoised)):
+        fine, coarse = denoised[level], denoised[level - 1]
+        if d.cgr_pixel:
+            cgr["cgr_pixel"] = cgr["cgr_pixel"] + cgr_pixel(fine, coarse)
+        if d.cgr_structure:
+            cgr["cgr_structure"] = cgr["cgr_structure"] + cgr_structure(fine, coarse)
+        if d.cgr_feature:
+            cgr["cgr_feature"] = cgr["cgr_feature"] + cgr_feature(feats[level], feats[level - 1], generator=generator)
+    return cgr
 
 
 def _kept_pixels(keep: Tensor | None, grid: int, patch: int, like: Tensor) -> Tensor:

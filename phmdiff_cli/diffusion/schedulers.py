@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from phmdiff_cli.config import SAMPLERS
 from phmdiff_cli.diffusion.edm import karras_sigmas
 
 __all__ = ["EDMScheduler"]
@@ -32,8 +33,8 @@ class EDMScheduler:
 
     def __init__(self, solver: str = "heun", sigma_min: float = 0.002, sigma_max: float = 20.0,
                  rho: float = 7.0) -> None:
-        if solver not in ("heun", "euler"):
-            raise ValueError(f"unknown solver {solver!r}: use 'heun' or 'euler'")
+        if solver not in SAMPLERS:
+            raise ValueError(f"unknown solver {solver!r}: use one of {', '.join(SAMPLERS)}")
         self.solver = solver
         self.sigma_min, self.sigma_max, self.rho = sigma_min, sigma_max, rho
         self.sigmas: list[float] = []

@@ -221,8 +221,8 @@ def _canonical_order(modalities: Iterable[str]) -> list[str]:
 
 def synthesize_fn(synthesizer: Synthesizer, notes: list[str] | None = None) -> SynthesizeFn:
     """A :data:`SynthesizeFn` from a :class:`~phmdiff_cli.engine.synthesizer.Synthesizer`: the same model,
-    device and settings with the job's seed; what the synthesizer noted (resampling, grid crop) is appended to
-    ``notes``."""
+    device and settings with the job's seed; what the synthesizer noted (resampling, grid crop) and warned about
+    (inputs unlike the training images) is appended to ``notes``."""
     from phmdiff_cli.engine.synthesizer import Synthesizer
 
     def run(sources: Sequence[Volume], target: str, seed: int) -> Volume:
@@ -231,7 +231,7 @@ def synthesize_fn(synthesizer: Synthesizer, notes: list[str] | None = None) -> S
             sources, target
         )
         if notes is not None:
-            notes.extend(n for n in result.notes if n not in notes)
+            notes.extend(n for n in (*result.notes, *result.warnings) if n not in notes)
         return result.image
 
     return run

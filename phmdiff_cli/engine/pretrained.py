@@ -26,7 +26,7 @@ __all__ = ["Pretrained", "build_card", "card_pairs", "load_pretrained"]
 
 
 def build_card(config: ModelConfig, pairs: Sequence[Pair], *, training: dict[str, Any] | None = None,
-               metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+               metrics: dict[str, Any] | None = None, input_domain: dict[str, Any] | None = None) -> dict[str, Any]:
     """The model card of a PHMDiff model (``checkpoint.save_model`` adds format, sha256, version, date).
 
     Args:
@@ -34,6 +34,8 @@ def build_card(config: ModelConfig, pairs: Sequence[Pair], *, training: dict[str
         pairs: the source -> target pairs it was trained on (canonical names).
         training: data (subjects, licences), steps, budget, seed, git commit...
         metrics: validation metrics, e.g. ``{"t1n:t2w": {"psnr": 24.1, "ssim": 0.86}}``.
+        input_domain: what the training sources were like
+            (:func:`~phmdiff_cli.engine.input_domain.domain_of`); ``synthesize`` checks inputs against it.
     """
     modalities = sorted({m for p in pairs for m in (*p.sources, p.target)})
     return {
@@ -51,6 +53,7 @@ def build_card(config: ModelConfig, pairs: Sequence[Pair], *, training: dict[str
         },
         "training": training or {},
         "metrics": metrics or {},
+        **({"input_domain": input_domain} if input_domain else {}),
     }
 
 

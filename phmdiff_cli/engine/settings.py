@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from phmdiff_cli.config import ModelConfig, model_config
+from phmdiff_cli.config import SAMPLERS, ModelConfig, model_config
 from phmdiff_cli.errors import InputError
 
 if TYPE_CHECKING:  # the CLI reads the defaults for its help text: keep this import light
@@ -215,8 +215,8 @@ class TrainSettings:
                 raise _bad(name, value, "must be in [0, 1)")
         if not 0.0 <= self.lr_cooldown <= 1.0:
             raise _bad("lr_cooldown", self.lr_cooldown, "must be in [0, 1]")
-        if self.val_sampler not in (None, "euler", "heun"):
-            raise _bad("val_sampler", self.val_sampler, "must be euler or heun")
+        if self.val_sampler is not None and self.val_sampler not in SAMPLERS:
+            raise _bad("val_sampler", self.val_sampler, f"must be one of {', '.join(SAMPLERS)}")
         for name in (
             "cgr_pixel",
             "cgr_structure",

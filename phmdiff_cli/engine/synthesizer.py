@@ -23,15 +23,24 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from phmdiff_cli.data.grid import MODEL_BACKGROUND
+from phmdiff_cli.config import SAMPLERS
+from phmdiff_cli.data.grid import MODEL_BACKGROUND, GridTransform
 from phmdiff_cli.data.normalize import CT_WINDOW_HU, IntensityParams, normalize_source
-from phmdiff_cli.data.preprocess import Prepared, prepare_volume, resample_onto, restore_volume
+from phmdiff_cli.data.preprocess import (
+    Prepared,
+    prepare_volume,
+    resample_onto,
+    restore_volume,
+    thicken_onto,
+    thin_slices,
+)
 from phmdiff_cli.data.slices import Pair, source_stack
 from phmdiff_cli.diffusion import sample
 from phmdiff_cli.engine.device import autocast, configure_backends
+from phmdiff_cli.engine.input_domain import check, measure
 from phmdiff_cli.engine.pretrained import Pretrained
 from phmdiff_cli.errors import EXIT_INTERNAL, InputError, PhmdiffError
-from phmdiff_cli.io import Volume
+from phmdiff_cli.io import Volume, canonical_grid
 from phmdiff_cli.modalities import is_ct, modality_id
 
 __all__ = [
@@ -48,7 +57,6 @@ __all__ = [
     "is_out_of_memory",
 ]
 
-SAMPLERS = ("heun", "euler")
 #: Scale hi of an MRI synthesized from CT only (no MRI source to borrow a scale from), arbitrary units.
 MRI_FROM_CT_HI = 1000.0
 #: Activation memory per batch on a CPU: 5 slices of the small model. Larger batches were no faster per slice
@@ -57,6 +65,8 @@ MRI_FROM_CT_HI = 1000.0
 CPU_BUDGET_BYTES = 256 * 2**20
 #: Fraction of the free accelerator memory a batch may use.
 GPU_BUDGET_FRACTION = 0.5
+#: Slices further apart than this many model spacings are resampled to the model spacing for synthesis.
+THIN_MARGIN = 1.25
 #: A model-range value at most this far above the background counts as background (Gaussian anti-aliasing of a
 #: constant -1 is -1 only up to float rounding).
 _BACKGROUND_TOL = 1e-4
@@ -101,6 +111,8 @@ class Synthesis:
         seconds: ``prepare``, ``sample`` and ``restore`` wall times, and ``sample_cpu``, the CPU time of all
             threads while sampling.
         notes: what was done to the inputs that the user should know (resampling, grid crop).
+        warnings: where the inputs differ from what the model was trained on (the card's ``input_domain``), what
+            that means and what to do; empty for inputs like the training images.
     """
 
     image: Volume
@@ -111,6 +123,7 @@ class Synthesis:
     batch_size: int
     seconds: dict[str, float]
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 def match_pair(pretrained: Pretrained, modalities: Sequence[str], target: str) -> Pair:
@@ -218,11 +231,25 @@ class Synthesizer:
         self.batch_size = settings.batch_size or default_batch_size(pretrained, device, settings.samples)
 
     def run(
-        self, sources: Sequence[Volume], target: str, *, on_batch: BatchCallback | None = None
+        self,
+        sources: Sequence[Volume],
+        target: str,
+        *,
+        mask: Volume | None = None,
+        on_batch: BatchCallback | None = None,
     ) -> Synthesis:
         """Synthesize ``target`` from ``sources`` (as read; each with its ``modality`` set).
 
-        The output is on the grid of ``sources[0]``; the others are resampled onto it (linear) when needed.
+        The output is on the grid of ``sources[0]``; the others are resampled onto it (linear) when needed. Slices
+        thicker than the model's are made thin for synthesis (:func:`thin_slices`) and the output averaged back
+        onto them (:func:`thicken_onto`), so that a slice's 2.5-D context holds its physical neighbours.
+
+        Args:
+            sources: the source images, first one's grid = the output's.
+            target: canonical target modality.
+            mask: a brain (or body) mask, any grid (resampled nearest-neighbour onto the first source): sources are
+                used inside it only, and the output is background outside it (MRI 0, CT -1024 HU).
+            on_batch: progress callback.
 
         Raises:
             InputError: the model has no pair for these modalities, or a source's modality is unknown.
@@ -238,10 +265,18 @@ class Synthesizer:
         pair = match_pair(self.pretrained, [v.modality for v in sources], target)  # type: ignore[misc]
         start = time.perf_counter()
         notes: list[str] = [w for v in sources for w in v.meta.get("warnings", [])]
-        aligned = [sources[0]] + [self._aligned(v, sources[0], notes) for v in sources[1:]]
+        reference = sources[0]
+        aligned = [reference] + [self._aligned(v, reference, notes) for v in sources[1:]]
+        if mask is not None and not mask.same_grid(reference, tol=1e-3):
+            mask = resample_onto(mask, reference, nearest=True)
+        if mask is not None and not (mask.array > 0).any():
+            raise InputError("the brain mask has no voxel inside on the source's grid", path=mask.meta.get("path"),
+                             hint="give the mask of this image (nonzero = brain)")
+        warned = self._check_inputs(aligned, mask)
+        work, work_mask = self._thin(aligned, mask, notes)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            prepared = [prepare_volume(v, self.pretrained.grid) for v in aligned]
+            prepared = [prepare_volume(v, self.pretrained.grid, mask=work_mask) for v in work]
         notes += [str(w.message) for w in caught]
         by_modality = {v.modality: p for v, p in zip(aligned, prepared, strict=True)}
         norm = self.pretrained.config.source_norm
@@ -255,7 +290,8 @@ class Synthesizer:
 
         start = time.perf_counter()
         params, transform = output_params(target, prepared), prepared[0].transform
-        image = restore_volume(mean, params, transform, sources[0])
+        background = CT_WINDOW_HU[0] if is_ct(target) else 0.0
+        image = self._restore(mean, params, transform, work[0], reference, mask, background)
         if is_ct(target):
             image = image.with_array(np.rint(image.array).astype(np.int16))
         std_image = None
@@ -263,11 +299,43 @@ class Synthesizer:
             # A std is a difference of intensities: it scales by (hi - lo) / 2 with no offset. Shifting it by
             # -1 and restoring with lo = 0 does exactly that, and the area outside the model grid becomes 0.
             scale = IntensityParams(target, 0.0, params.hi - params.lo)
-            std_image = restore_volume(std - 1.0, scale, transform, sources[0])
+            std_image = self._restore(std - 1.0, scale, transform, work[0], reference, mask, 0.0)
         seconds["restore"] = time.perf_counter() - start
         return Synthesis(
-            image, std_image, pair, mean.shape[0], mean.shape[0] - todo, self.batch_size, seconds, notes
+            image, std_image, pair, mean.shape[0], mean.shape[0] - todo, self.batch_size, seconds, notes, warned
         )
+
+    def _check_inputs(self, sources: Sequence[Volume], mask: Volume | None) -> list[str]:
+        """Warnings for sources unlike the training images (the card's ``input_domain``; none without one)."""
+        domain = self.pretrained.card.get("input_domain")
+        if not domain:
+            return []
+        return [warning for v in sources if v.modality is not None
+                for warning in check(measure(v, v.modality, mask), domain, v.modality, v.meta.get("path", "a source"))]
+
+    def _thin(self, sources: list[Volume], mask: Volume | None, notes: list[str]
+              ) -> tuple[list[Volume], Volume | None]:
+        """The sources (all on the first's grid) and mask with slices at the model spacing when theirs are
+        further apart than :data:`THIN_MARGIN` model spacings; else as given."""
+        step, spacing = self.pretrained.grid.spacing_mm, float(canonical_grid(sources[0]).spacing[2])
+        if spacing <= THIN_MARGIN * step:
+            return sources, mask
+        notes.append(f"slices {spacing:.3g} mm apart resampled to {step:g} mm for synthesis (linear); the output "
+                     "is averaged back onto the source's slices")
+        thin_mask = thin_slices(mask, step, nearest=True) if mask is not None else None
+        return [thin_slices(v, step) for v in sources], thin_mask
+
+    @staticmethod
+    def _restore(slices: np.ndarray, params: IntensityParams, transform: GridTransform, work: Volume,
+                 reference: Volume, mask: Volume | None, background: float) -> Volume:
+        """Model-grid slices -> file units on ``reference``'s exact grid (through ``work``, its thin-slice
+        version, when there is one); ``background`` outside ``mask``."""
+        image = restore_volume(slices, params, transform, work)
+        if work is not reference:
+            image = thicken_onto(image, reference)
+        if mask is not None:
+            image = image.with_array(np.where(mask.array > 0, image.array, np.float32(background)))
+        return image
 
     @staticmethod
     def _aligned(volume: Volume, reference: Volume, notes: list[str]) -> Volume:

@@ -20,10 +20,12 @@ from phmdiff_cli.data.grid import GridCropWarning, ModelGrid
 from phmdiff_cli.data.layouts import Dataset, Subject, combine, discover
 from phmdiff_cli.data.slices import Augment, Pair, SliceDataset, parse_pairs, split_subjects
 from phmdiff_cli.data.summary import DatasetSummary, summary
+from phmdiff_cli.engine.input_domain import domain_of, measure
 from phmdiff_cli.engine.settings import TrainSettings
 from phmdiff_cli.errors import InputError
+from phmdiff_cli.io import read_volume
 
-__all__ = ["TrainData", "load_data", "slice_dataset"]
+__all__ = ["TrainData", "load_data", "slice_dataset", "training_domain"]
 
 
 @dataclass
@@ -204,3 +206,18 @@ def slice_dataset(
             console.print(f"[yellow]Warning:[/] {escape(str(message))}", soft_wrap=True)
             console.print("[dim]Hint: pass a larger --spacing so the model grid covers the anatomy[/]")
     return dataset
+
+
+def training_domain(data: TrainData) -> dict[str, Any]:
+    """The model card's ``input_domain``: every source image of the training subjects measured
+    (:func:`~phmdiff_cli.engine.input_domain.measure`; a subject's brain mask, where it has one on the image's grid,
+    is the foreground)."""
+    sources = {m for pair in data.pairs for m in pair.sources}
+    stats = []
+    for subject in data.subjects(data.train_ids):
+        mask = read_volume(subject.mask) if subject.mask is not None else None
+        for modality in sorted(sources & set(subject.images)):
+            volume = read_volume(subject.images[modality])
+            on_grid = mask is not None and mask.same_grid(volume, tol=1e-3)
+            stats.append(measure(volume, modality, mask if on_grid else None))
+    return domain_of(stats)

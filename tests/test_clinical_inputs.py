@@ -1,0 +1,143 @@
+"""Scans as hospitals export them: skull on, thick slices. The shipped model's card says what it was trained on
+(``input_domain``); every input outside it gets a warning saying what and why, the shipped brains none.
+``--brain-mask`` (NIfTI or DICOM sources, a mask on any grid) and thick slices made thin for synthesis, with the
+output back on the source's exact grid."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from typer.testing import CliRunner
+
+from phmdiff_cli.cli.app import app
+from phmdiff_cli.data.preprocess import resample_onto, thicken_onto, thin_slices
+from phmdiff_cli.engine.input_domain import check, measure
+from phmdiff_cli.io import Volume, canonical_grid, read_volume
+
+REPO = Path(__file__).resolve().parents[1]
+DOMAIN = json.loads((REPO / "weights" / "brain-small" / "config.json").read_text())["input_domain"]
+EXAMPLE = REPO / "examples" / "TCGA-DU-7294-t1n.nii.gz"
+SERIES = REPO / "tests" / "data" / "mr_t1_4slices"
+SKULL = "probably not skull-stripped"
+runner = CliRunner()
+
+
+def _warnings(path: Path, modality: str = "t1n") -> list[str]:
+    return check(measure(read_volume(path), modality), DOMAIN, modality, path.name)
+
+
+def _slab(source: Path, out: Path, start: int, stop: int) -> Path:
+    """Slices start..stop of a real image, on its own grid (SimpleITK keeps origin and direction)."""
+    sitk.WriteImage(sitk.ReadImage(str(source))[:, :, start:stop], str(out))
+    return out
+
+
+def _synthesize(*args: str) -> dict:
+    result = runner.invoke(app, ["synthesize", *args, "--json", "-q"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)["cases"][0]
+
+
+@pytest.mark.parametrize(("subject", "modality"), [
+    ("brats/TCGA-DU-7294/TCGA-DU-7294-t1n.nii.gz", "t1n"), ("ms_mni/OMS-MNI-p19/OMS-MNI-p19-t2w.nii.gz", "t2w"),
+    ("brats2013_t1c_flair/BraTS2013-pat0001/BraTS2013-pat0001-t1c.nii.gz", "t1c"),
+    ("brats2013_t1c_flair/BraTS2013-pat0002/BraTS2013-pat0002-t2f.nii.gz", "t2f"),
+])  # fmt: skip
+def test_brains_like_the_training_ones_raise_no_warning(data_dir: Path, subject: str, modality: str) -> None:
+    assert _warnings(data_dir / subject, modality) == []
+
+
+@pytest.mark.parametrize("scan", ["clinical_raw/OMS-raw-p01-study1/T1W.nii.gz",
+                                  "clinical_raw/OMS-raw-p04-study1/T2W.nii.gz",
+                                  "clinical_raw/OMS-raw-p04-study1/FLAIR.nii.gz"])
+def test_raw_clinical_heads_are_warned_about_skull_and_slices(data_dir: Path, scan: str) -> None:
+    found = _warnings(data_dir / scan)
+    assert len(found) == 2 and SKULL in found[0] and "skull-strip it first" in found[0]
+    assert "mm apart; the model saw slices at most 1 mm apart" in found[1]
+
+
+def test_a_dicom_head_series_is_warned_and_a_brain_mask_silences_it(tmp_path: Path) -> None:
+    volume = read_volume(SERIES)
+    assert SKULL in " ".join(check(measure(volume, "t1n"), DOMAIN, "t1n", "series"))
+    mask = _disk_mask(volume, radius_mm=60.0)
+    assert check(measure(volume, "t1n", mask), DOMAIN, "t1n", "series") == []
+
+
+def _disk_mask(volume: Volume, radius_mm: float) -> Volume:
+    """A cylinder around the centre of each slice, on ``volume``'s grid."""
+    rows, cols = np.indices(volume.shape[1:])
+    sx, sy, _ = volume.spacing
+    inside = ((rows - volume.shape[1] / 2) * sy) ** 2 + ((cols - volume.shape[2] / 2) * sx) ** 2 < radius_mm**2
+    return volume.with_array(np.broadcast_to(inside, volume.shape).astype(np.uint8))
+
+
+def test_brain_mask_on_another_grid_with_a_dicom_source(tmp_path: Path) -> None:
+    """The mask, written at half the resolution, is resampled nearest-neighbour onto the series; the output is 0
+    outside it, on the series' exact grid."""
+    source = read_volume(SERIES)
+    coarse = sitk.Shrink(_disk_mask(source, radius_mm=50.0).to_sitk(), [2, 2, 1])
+    mask_path = tmp_path / "mask.nii.gz"
+    sitk.WriteImage(coarse, str(mask_path))
+    out = tmp_path / "t2.nii.gz"
+    case = _synthesize("--src", str(SERIES), "--src-modality", "t1", "--target", "t2", "--brain-mask",
+                       str(mask_path), "-o", str(out))
+    assert case["warnings"] == [] and case["brain_mask"] == str(mask_path)
+    synthetic = read_volume(out)
+    assert synthetic.same_grid(source, tol=1e-4)  # NIfTI stores the DICOM geometry in float32
+    inside = resample_onto(read_volume(mask_path), source, nearest=True).array > 0
+    assert np.all(synthetic.array[~inside] == 0) and synthetic.array[inside].max() > 0
+
+
+def test_brain_mask_of_a_z_scored_nifti_and_in_list_mode(data_dir: Path, tmp_path: Path) -> None:
+    """BraTS 2013 (z-scored, with its own brain mask): a --list case whose mask path is a pattern."""
+    subject = data_dir / "brats2013_t1c_flair" / "BraTS2013-pat0001"
+    source = _slab(subject / "BraTS2013-pat0001-t1c.nii.gz", tmp_path / "p1.nii.gz", 70, 76)
+    _slab(subject / "BraTS2013-pat0001-brainmask.nii.gz", tmp_path / "p1-mask.nii.gz", 70, 76)
+    listing = tmp_path / "cases.txt"
+    listing.write_text(f"{source}\n")
+    case = _synthesize("--list", str(listing), "--src-modality", "t1c", "--target", "flair", "--brain-mask",
+                       "{parent}/{stem}-mask.nii.gz", "-o", str(tmp_path / "{stem}-t2f.nii.gz"))
+    assert case["warnings"] == [] and case["brain_mask"].endswith("p1-mask.nii.gz")
+    synthetic, mask = read_volume(tmp_path / "p1-t2f.nii.gz"), read_volume(tmp_path / "p1-mask.nii.gz").array > 0
+    assert synthetic.same_grid(read_volume(source), tol=0)
+    assert np.all(synthetic.array[~mask] == 0) and np.mean(synthetic.array[mask] > 0) > 0.95
+
+
+def test_an_empty_brain_mask_is_a_clear_error(tmp_path: Path) -> None:
+    source = read_volume(SERIES)
+    mask_path = tmp_path / "empty.nii.gz"
+    sitk.WriteImage(source.with_array(np.zeros(source.shape, np.uint8)).to_sitk(), str(mask_path))
+    result = runner.invoke(app, ["synthesize", "--src", str(SERIES), "--src-modality", "t1", "--target", "t2",
+                                 "--brain-mask", str(mask_path), "-o", str(tmp_path / "out.nii.gz")])
+    assert result.exit_code == 2 and "empty.nii.gz" in result.output and "no voxel inside" in result.output
+    assert not (tmp_path / "out.nii.gz").exists()
+
+
+def test_a_thick_slice_head_is_synthesized_thin_and_put_back_on_its_grid(data_dir: Path, tmp_path: Path) -> None:
+    """Six 3 mm slices of a raw clinical T1 (skull on): both warnings in --json, 16 thin slices synthesized, the
+    output on the source's exact grid."""
+    source = _slab(data_dir / "clinical_raw" / "OMS-raw-p04-study1" / "T1W.nii.gz", tmp_path / "t1.nii.gz", 20, 26)
+    out = tmp_path / "t2.nii.gz"
+    case = _synthesize("--src", str(source), "--src-modality", "t1", "--target", "t2", "-o", str(out))
+    assert len(case["warnings"]) == 2 and SKULL in case["warnings"][0] and "3 mm apart" in case["warnings"][1]
+    assert case["slices"] == 16 and any("resampled to 1 mm" in note for note in case["notes"])
+    synthetic = read_volume(out)
+    assert synthetic.same_grid(read_volume(source), tol=0) and synthetic.array.max() > 0
+
+
+def test_thin_then_thicken_returns_the_thick_grid_and_values(data_dir: Path) -> None:
+    """A real T1 averaged into 3 mm slices (each the mean of three 1 mm slices: what a thick slice measures), made
+    thin and thick again: the exact thick grid, values within a few percent."""
+    fine = read_volume(data_dir / "brats" / "TCGA-DU-7294" / "TCGA-DU-7294-t1n.nii.gz")
+    image = sitk.BinShrink(fine.to_sitk(), [1, 1, 3])  # mean of 1x1x3 blocks, centred on the block's centre
+    thick = Volume.from_sitk(sitk.Cast(image, sitk.sitkFloat32), modality="t1n")
+    thin = thin_slices(thick, 1.0)
+    assert thin.shape[0] == (thick.shape[0] - 1) * 3 + 1 and canonical_grid(thin).spacing[2] == pytest.approx(1.0)
+    back = thicken_onto(thin, thick)
+    assert back.same_grid(thick, tol=0)
+    error = np.abs(back.array - thick.array)[thick.array > 0]
+    assert float(np.mean(error)) < 0.03 * float(np.percentile(thick.array, 99))
