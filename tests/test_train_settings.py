@@ -49,7 +49,7 @@ def test_flags_override_the_config_file_which_overrides_defaults(tmp_path: Path)
         ('{"val_subjects": "A,B"}', "setting 'val_subjects' must be list[str] | None"),
         ('{"mask_ratio": 1.0}', "--mask-ratio 1.0 must be in [0, 1)"),
         ('{"lr": -1}', "--lr -1 must be a positive number"),
-        ('{"val_sampler": "ddim"}', "--val-sampler 'ddim' must be euler or heun"),
+        ('{"val_sampler": "ddim"}', "--val-sampler 'ddim' must be one of heun, euler"),
         ('{"rotate": 200}', "--rotate 200 must be in [0, 180] degrees"),
         ('{"zoom": -0.1}', "--zoom -0.1 must be in [0, 1)"),
         ('{"init": "brain-small", "levels": 2}', "--levels cannot be used with --init"),
