@@ -184,13 +184,15 @@ def test_dataset_json_lists_complete_nnunet_cases(augmented: dict[str, Any]) -> 
 @pytest.mark.slow
 def test_evaluation_compares_both_arms_and_the_drop_scenario(augmented: dict[str, Any]) -> None:
     evaluation = augmented["report"]["evaluation"]
-    assert evaluation["labels"] == [1, 2]
-    assert evaluation["inputs"] == ["real", "synthesized t2w", "zero-filled t2w"]
-    (test,) = evaluation["split"]["test"]
+    assert evaluation["labels"] == [1, 2] and evaluation["convention"] is None  # two labels: scored per label
+    assert evaluation["structures"] == ["1", "2"]
+    assert evaluation["inputs"] == ["real", "synthesized t2w", "zero-filled t2w", "hist-matched t2w"]
+    (fold,) = evaluation["folds"]
+    (test,) = fold["test"]
     assert test in ("BrainLesion-case-01", "TCGA-DU-7294")  # only subjects with every modality real
-    assert set(evaluation["split"]["train"]) == set(SUBJECTS) - {test}
-    real, synthetic = evaluation["training"]["real"], evaluation["training"]["real+synthetic"]
-    assert real["steps"] == synthetic["steps"] == evaluation["segmenter"]["steps_budget"] > 0  # same budget
+    assert set(fold["train"]) == set(SUBJECTS) - {test}
+    real, synthetic = fold["training"]["real"], fold["training"]["real+synthetic"]
+    assert real["steps"] == synthetic["steps"] == evaluation["segmenter"]["steps_budget"][0] > 0  # same budget
     assert real["zero_filled_channels"] == 2 and real["synthetic_images"] == 0  # GLI t2w, MET t2f
     assert synthetic["zero_filled_channels"] == 0 and synthetic["synthetic_images"] > 0
     assert synthetic["samples"] > real["samples"] == 3
@@ -201,6 +203,7 @@ def test_evaluation_compares_both_arms_and_the_drop_scenario(augmented: dict[str
                 dice = result["cases"][test][label]["dice"]
                 assert 0.0 <= dice <= 1.0
                 assert result["mean"][label]["dice"] == pytest.approx(dice)  # the mean of one test subject
+                assert result["mean"][label]["dice_std"] is None  # one fold
     assert any("1 held-out subject" in note for note in evaluation["notes"])
     assert augmented["report"]["torch_version"] and augmented["report"]["model_sha256"]
 
@@ -208,7 +211,7 @@ def test_evaluation_compares_both_arms_and_the_drop_scenario(augmented: dict[str
 @pytest.mark.slow
 def test_table_shows_every_arm_and_input(augmented: dict[str, Any]) -> None:
     headers = ("trained on", "test input", "Dice 2", "HD95 1 (mm)", "mean Dice")
-    for text in (*headers, "real+synthetic", "synthesized t2w", "zero-filled t2w"):
+    for text in (*headers, "real+synthetic", "synthesized t2w", "zero-filled t2w", "hist-matched t2w"):
         assert text in augmented["stdout"]
 
 

@@ -74,8 +74,9 @@ MANIFEST_COLUMNS = (
     "origin",
 )
 
-#: ``fn(sources, target, seed) -> image``: sources as read (modality set), the image on ``sources[0]``'s grid.
-SynthesizeFn = Callable[[Sequence[Volume], str, int], Volume]
+#: ``fn(sources, target, seed, mask) -> image``: sources as read (modality set), the subject's brain mask or None;
+#: the image on ``sources[0]``'s grid.
+SynthesizeFn = Callable[[Sequence[Volume], str, int, Volume | None], Volume]
 
 
 @dataclass(frozen=True)
@@ -225,10 +226,10 @@ def synthesize_fn(synthesizer: Synthesizer, notes: list[str] | None = None) -> S
     (inputs unlike the training images) is appended to ``notes``."""
     from phmdiff_cli.engine.synthesizer import Synthesizer
 
-    def run(sources: Sequence[Volume], target: str, seed: int) -> Volume:
+    def run(sources: Sequence[Volume], target: str, seed: int, mask: Volume | None) -> Volume:
         settings = replace(synthesizer.settings, seed=seed, batch_size=synthesizer.batch_size)
         result = Synthesizer(synthesizer.pretrained, synthesizer.device, synthesizer.dtype, settings).run(
-            sources, target
+            sources, target, mask=mask
         )
         if notes is not None:
             notes.extend(n for n in (*result.notes, *result.warnings) if n not in notes)
@@ -276,7 +277,7 @@ def augment_dataset(
         dataset: the input dataset (never modified).
         root: the output folder (the caller renames it into place when everything is written).
         jobs: from :func:`plan_jobs`.
-        synthesize: makes one image (:func:`synthesize_fn`).
+        synthesize: makes one image (:func:`synthesize_fn`), from the subject's brain mask too where it has one.
         link: one of :data:`LINK_MODES`.
         on_file: called after each file (for progress).
 
@@ -297,12 +298,14 @@ def augment_dataset(
             if on_file:
                 on_file(entries[-1])
         volumes: dict[str, Volume] = {}
-        for job in (j for j in jobs if j.subject == subject.id):
+        mine = [j for j in jobs if j.subject == subject.id]
+        mask = read_volume(subject.mask) if mine and subject.mask is not None else None
+        for job in mine:
             for modality in job.pair.sources:
                 if modality not in volumes:
                     volumes[modality] = read_volume(subject.images[modality])
                     volumes[modality].modality = modality  # nnU-Net names (case_0001) do not tell it
-            image = synthesize([volumes[m] for m in job.pair.sources], job.pair.target, job.seed)
+            image = synthesize([volumes[m] for m in job.pair.sources], job.pair.target, job.seed, mask)
             dst = output_path(dataset, root, subject.id, job.pair.target, synthetic=True, variant=job.variant)
             dst.parent.mkdir(parents=True, exist_ok=True)
             write_volume(image, dst)
