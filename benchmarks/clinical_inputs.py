@@ -33,13 +33,10 @@ from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
-import torch
-from engine_speed import DATA, ROOT, machine
+from engine_speed import DATA, ROOT, cpu_model
 from scipy import ndimage
 
 from phmdiff_cli.data.normalize import IntensityParams, foreground_mask, unit_scale
-from phmdiff_cli.engine.device import resolve_precision
-from phmdiff_cli.engine.pretrained import load_pretrained
 from phmdiff_cli.engine.synthesizer import SynthesisSettings, Synthesizer
 from phmdiff_cli.engine.validation import write_preview
 from phmdiff_cli.io import Volume, read_volume
@@ -161,12 +158,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "clinical_inputs.json")
     parser.add_argument("--figure", type=Path, default=ROOT / "examples" / "clinical_raw_t2.png")
     args = parser.parse_args()
-    info = machine()
-    device = torch.device("cpu")
-    dtype = resolve_precision("auto", device)
-    pretrained = load_pretrained(args.model, device)
+    info, device, dtype, pretrained = cpu_model(args.model)
     synth = Synthesizer(pretrained, device, dtype, SynthesisSettings())
-    print(f"# {info['cpu']}, {info['cores']} cores, precision {dtype}, model {args.model}", flush=True)
     figure: list[Any] = []
     results = {subject: run_subject(subject, synth, figure) for subject in SUBJECTS}
     means = {target: {region: {arm: {m: round(float(np.mean([results[s]["targets"][target][region][arm][m]

@@ -33,15 +33,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from engine_speed import DATA, ROOT, machine
+from engine_speed import DATA, ROOT, cpu_model
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from phmdiff_cli.data.layouts import discover
 from phmdiff_cli.engine.augment import augment_dataset, channels_of, label_values, plan_jobs, synthesize_fn
-from phmdiff_cli.engine.device import resolve_precision
-from phmdiff_cli.engine.pretrained import load_pretrained
 from phmdiff_cli.engine.segbench import SegSettings, cases_from_entries, run_benchmark
 from phmdiff_cli.engine.synthesizer import SynthesisSettings, Synthesizer
 from phmdiff_cli.jsonsafe import finite
@@ -142,13 +139,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "downstream.json")
     parser.add_argument("--figure", type=Path, default=ROOT / "examples" / "downstream.png")
     args = parser.parse_args()
-    info = machine()
-    device = torch.device("cpu")
-    dtype = resolve_precision("auto", device)
-    print(f"# {info['cpu']}, {info['cores']} cores, precision {dtype}, model {args.model}", flush=True)
+    info, device, dtype, pretrained = cpu_model(args.model)
     started = time.perf_counter()
     dataset = discover(FOLDER)
-    pretrained = load_pretrained(args.model, device)
     synth = Synthesizer(pretrained, device, dtype, SynthesisSettings(seed=args.seed))
     jobs, notes = plan_jobs(dataset, pretrained.pairs, targets=[DROP], variants=args.variants, drop=[DROP],
                             seed=args.seed)

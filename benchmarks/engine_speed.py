@@ -40,7 +40,8 @@ from phmdiff_cli.data.normalize import fit_intensity, to_model_range
 from phmdiff_cli.diffusion import training_loss
 from phmdiff_cli.diffusion.edm import denoise
 from phmdiff_cli.diffusion.pyramid import image_pyramid
-from phmdiff_cli.engine.device import autocast, compile_model, cpu_has_amx
+from phmdiff_cli.engine.device import autocast, compile_model, cpu_has_amx, resolve_precision
+from phmdiff_cli.engine.pretrained import Pretrained, load_pretrained
 from phmdiff_cli.modalities import modality_id
 from phmdiff_cli.models import PHMDiff
 
@@ -61,6 +62,15 @@ def machine() -> dict[str, object]:
             "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "amx": cpu_has_amx(),
             "load_avg_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+
+
+def cpu_model(model: str) -> tuple[dict[str, object], torch.device, torch.dtype | None, Pretrained]:
+    """A trained model loaded on the CPU with ``--precision auto``'s dtype, and the machine (printed as a header
+    line): what the benchmarks that run the shipped model start with."""
+    info, device = machine(), torch.device("cpu")
+    dtype = resolve_precision("auto", device)
+    print(f"# {info['cpu']}, {info['cores']} cores, precision {dtype}, model {model}", flush=True)
+    return info, device, dtype, load_pretrained(model, device)
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
