@@ -141,3 +141,15 @@ def test_thin_then_thicken_returns_the_thick_grid_and_values(data_dir: Path) -> 
     assert back.same_grid(thick, tol=0)
     error = np.abs(back.array - thick.array)[thick.array > 0]
     assert float(np.mean(error)) < 0.03 * float(np.percentile(thick.array, 99))
+
+
+def test_a_stack_longer_than_any_anatomy_is_refused_before_thinning(tmp_path: Path) -> None:
+    """A header whose slice step is 1500 mm would be thinned into ~4500 slices: refused, naming the file."""
+    source = tmp_path / "long.nii.gz"
+    image = sitk.ReadImage(str(EXAMPLE))[:, :, 70:74]
+    image.SetSpacing((1.0, 1.0, 1500.0))
+    sitk.WriteImage(image, str(source))
+    result = runner.invoke(app, ["synthesize", "--src", str(source), "--target", "t2", "-o",
+                                 str(tmp_path / "out.nii.gz")])
+    assert result.exit_code == 2 and "long.nii.gz" in result.output and "no anatomy is that long" in result.output
+    assert not (tmp_path / "out.nii.gz").exists()
