@@ -149,7 +149,7 @@ def test_a_stack_longer_than_any_anatomy_is_refused_before_thinning(tmp_path: Pa
     image = sitk.ReadImage(str(EXAMPLE))[:, :, 70:74]
     image.SetSpacing((1.0, 1.0, 1500.0))
     sitk.WriteImage(image, str(source))
-    result = runner.invoke(app, ["synthesize", "--src", str(source), "--target", "t2", "-o",
+    result = runner.invoke(app, ["synthesize", "--src", str(source), "--src-modality", "t1", "--target", "t2", "-o",
                                  str(tmp_path / "out.nii.gz")])
     assert result.exit_code == 2 and "long.nii.gz" in result.output and "no anatomy is that long" in result.output
     assert not (tmp_path / "out.nii.gz").exists()
