@@ -50,8 +50,9 @@ def test_info_synthesize_and_eval_end_to_end_with_the_shipped_model(tmp_path: Pa
     source = tmp_path / "block-t1n.nii.gz"
     sitk.WriteImage(sitk.ReadImage(str(EXAMPLE))[:, :, 70:82], str(source))  # SimpleITK keeps the grid
     out = tmp_path / "block-t2w.nii.gz"
-    made = runner.invoke(app, ["synthesize", "--src", str(source), "--target", "t2w", "-o", str(out), "-q"])
+    made = runner.invoke(app, ["synthesize", "--src", str(source), "--target", "t2w", "-o", str(out), "-q", "--json"])
     assert made.exit_code == 0, made.output
+    assert json.loads(made.stdout)["cases"][0]["warnings"] == []  # the shipped example is what the model knows
     synthetic = read_volume(out)
     assert synthetic.same_grid(read_volume(source), tol=1e-6) and np.isfinite(synthetic.array).all()
     scored = runner.invoke(app, ["eval", "--pred", str(out), "--ref", str(out), "--metrics", "ssim,sharpness",

@@ -20,7 +20,11 @@ from phmdiff_cli.io import read_volume
 
 SHIPPED = SHIPPED_WEIGHTS / DEFAULT_MODEL
 VAL = "TCGA-DU-7294"
-PAIRS = [["t1n", "t2w"], ["t1n", "t2f"], ["t2w", "t2f"], ["t1c", "t2w"], ["t1c", "t2f"], ["t2f", "t2w"]]
+#: The validation subjects of weights/brain_data.json, never trained on.
+VALIDATION = ["BraTS2013-pat0001", "BraTS2013-pat0002", "OMS-MNI-p19", VAL]
+PAIRS = [["t1n", "t2w"], ["t1n", "t2f"], ["t2w", "t2f"], ["t1c", "t2w"], ["t1c", "t2f"], ["t2f", "t2w"],
+         [["t1n", "t1c", "t2f"], "t2w"], [["t1n", "t1c", "t2w"], "t2f"], [["t1n", "t2w", "t2f"], "t1c"],
+         [["t1c", "t2w", "t2f"], "t1n"]]
 #: The slices scored: 12 axial slices through the middle of the brain (all of them hold tumour-free cortex,
 #: ventricles and white matter), enough for a stable mean and ~1 min of sampling at the default steps.
 BLOCK = (70, 82)
@@ -31,9 +35,11 @@ def test_card_files_and_held_out_subject() -> None:
     assert (SHIPPED / WEIGHTS_FILE).stat().st_size < 30 * 2**20
     assert card["pairs"] == PAIRS
     subjects = card["training"]["subjects"]
-    assert subjects["val"] == [VAL] and VAL not in subjects["train"]
-    assert set(card["training"]["licences"]) == {*subjects["train"], VAL}
+    assert sorted(subjects["val"]) == VALIDATION and not set(VALIDATION) & set(subjects["train"])
+    assert set(card["training"]["licences"]) == {*subjects["train"], *VALIDATION}
     assert set(card["metrics"]["val"]) >= {"t1n:t2w", "mean"}
+    assert set(card["metrics"]["val_subjects"]) == set(VALIDATION)
+    assert card["input_domain"]["images"] >= len(subjects["train"]) and card["input_domain"]["slice_mm"] == [1, 1]
     assert sum(t.numel() for t in state.values()) == sum(
         p.numel() for p in load_pretrained(SHIPPED).model.parameters())
     assert json.loads((SHIPPED / CARD_FILE).read_text())["sha256"] == card["sha256"]
@@ -49,7 +55,7 @@ def test_models_list_shows_the_shipped_model() -> None:
     row = next(line for line in table.stdout.splitlines() if line.strip().startswith(DEFAULT_MODEL))
     assert "240x240 @ 1 mm" in row and f" {len(PAIRS)} " in row and len(row) <= 80
     card = CliRunner().invoke(app, ["models", "info", DEFAULT_MODEL], env={"COLUMNS": "80"}).stdout
-    assert "Limitations" in card and "BraTS 2023 challenge terms" in card
+    assert "Limitations" in card and "BraTS 2023 challenge terms" in card and "CC BY-NC-SA" in card
 
 
 @pytest.mark.slow

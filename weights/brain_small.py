@@ -4,7 +4,7 @@ into ``weights/brain-small`` with a card that names the training data's licences
     python weights/brain_small.py train    # ~70 min on 2 CPU cores (--minutes 70), from the repository root
     python weights/brain_small.py extend   # resume it to step 5000 (~50 min here)
     python weights/brain_small.py tune     # fine-tune step 5000 with pose augmentation (~30 min here)
-    python weights/brain_small.py ship [RUN]   # RUN/last (default runs/brain-small-tune) -> weights/brain-small
+    python weights/brain_small.py ship [RUN]   # RUN/last -> weights/brain-small (default runs/brain-small-tune)
     python weights/brain_small.py all      # one run on every subject of weights/brain_data.json (~180 min)
     python weights/brain_small.py all-tune # the shipped model fine-tuned on every subject (~95 min here)
 
@@ -80,6 +80,17 @@ LICENCES = {
     "BraTS-MET-00110-000": "BraTS 2023 challenge terms (research use)",
     "BrainLesion-case-01": "source undocumented; treated as BraTS challenge terms (research use)",
     "TCGA-DU-7294": "CC BY 3.0 (TCIA TCGA-LGG, https://doi.org/10.7937/K9/TCIA.2016.L4LTD3TK); validation only",
+    "OMS-MNI-p07": "CC BY (Lesjak et al., Neuroinformatics 2018, University of Ljubljana)",
+    "OMS-MNI-p19": "CC BY (Lesjak et al., Neuroinformatics 2018); validation only",
+    **{f"BraTS2013-pat000{n}": "CC BY-NC-SA 3.0 CH (BraTS 2015, Menze et al., IEEE TMI 2015; DeepMedic examples): "
+       "weights trained on it are for non-commercial use and shared alike" for n in (3, 4, 5, 6)},
+    **{f"BraTS2013-pat000{n}": "CC BY-NC-SA 3.0 CH (BraTS 2015); validation only" for n in (1, 2)},
+}
+#: How each run that ``ship`` takes was made.
+RECIPES = {
+    "brain-small-tune": "python weights/brain_small.py train, extend, then tune",
+    "brain-all-tune": "python weights/brain_small.py train, extend, tune, then all-tune (every training subject of "
+                      "weights/brain_data.json)",
 }
 
 
@@ -87,10 +98,12 @@ LICENCES = {
 CARD_NOTES = {
     "intended_use": "research and demonstration: synthesizing a missing brain MRI contrast (T2, FLAIR, T1c) from "
                     "the others on CPU; not for diagnosis",
-    "limitations": "trained on three skull-stripped adult brains with tumours (BraTS preprocessing: SRI24 space, "
-                   "1 mm isotropic); not trained on heads with skull, thick or anisotropic slices, children, CT or "
-                   "other organs; blurred (sharpness about 0.6-0.7) and below a histogram-matched source on SSIM "
-                   "for brains from other sources (benchmarks/README.md)",
+    "limitations": "trained on eight skull-stripped adult brains (gliomas, a metastasis, multiple sclerosis; BraTS "
+                   "and MNI preprocessing, 1 mm isotropic; four of them T1c and FLAIR only); not trained on heads "
+                   "with skull, thick or anisotropic slices, children, CT or other organs (synthesize warns about "
+                   "such inputs); blurred (sharpness about 0.5-0.7) and below a histogram-matched source on SSIM "
+                   "for T1 -> T2 and on PSNR for T1c -> FLAIR on brains from other sources (benchmarks/README.md); "
+                   "trained partly on CC BY-NC-SA data: non-commercial use",
 }
 
 
@@ -116,8 +129,9 @@ def ship(run: Path) -> Path:
              for name, t in quantize_int8(state).items()}
     training = dict(card["training"])
     training["data"] = {**training["data"], "root": DATA}
-    training["licences"] = LICENCES
-    training["recipe"] = "python weights/brain_small.py train, extend, then tune"
+    subjects = training["subjects"]
+    training["licences"] = {sid: LICENCES[sid] for sid in (*subjects["train"], *subjects["val"])}
+    training["recipe"] = RECIPES[run.name]
     training["stored_dtype"] = "int8 per row (matrices, kernels), float16 (the rest)"
     card = {**card, "training": training, "input_domain": input_domain(card), **CARD_NOTES}
     return save_model(ROOT / "weights" / "brain-small", state, card, force=True)
