@@ -57,6 +57,7 @@ import torch
 from baselines import Batch, Predict
 from engine_speed import ROOT, machine
 
+from phmdiff_cli.cli.common import parse_steps
 from phmdiff_cli.data.slices import Pair, SliceDataset, parse_pairs
 from phmdiff_cli.diffusion import sample
 from phmdiff_cli.engine.device import autocast, resolve_precision
@@ -199,7 +200,8 @@ def phmdiff_method(name: str, model: Path, args: argparse.Namespace, budget_min:
     """A trained PHMDiff (``model`` as ``--model`` takes it), sampled from seeded noise shared by the batch."""
     pre = load_pretrained(model)
     cfg, training = pre.config, pre.card["training"]
-    schedule = [args.steps] * cfg.levels if args.steps else list(cfg.sampling.steps)
+    steps = args.steps or cfg.sampling.steps
+    schedule = [steps] * cfg.levels if isinstance(steps, int) else list(steps)
     evals = sum(n if cfg.sampling.sampler == "euler" else 2 * n - 1 for n in schedule)
 
     def predict(batch: Batch) -> torch.Tensor:
@@ -344,8 +346,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--minutes", type=float, default=30.0, help="training budget B per method (default 30)")
     parser.add_argument("--only", default=",".join(ROLES), help="comma-separated methods (default: all)")
     parser.add_argument("--shipped", type=Path, default=None, help="also score this trained model (--model)")
-    parser.add_argument("--steps", type=int, default=None, help="PHMDiff sampler steps per level (default: "
-                        "each model's config)")
+    parser.add_argument("--steps", type=parse_steps, default=None, help="PHMDiff sampler steps, one number for "
+                        "every level or one per level (6,4,4); default: each model's config")
     parser.add_argument("--ddim-steps", type=int, default=20, help="DDIM steps of monai-ddim (default 20)")
     parser.add_argument("--batch", type=lambda t: per_method(t, int), default={},
                         help=f"NAME=N,... batch sizes (default {DEFAULT_BATCH} for all)")
