@@ -31,6 +31,10 @@ __all__ = ["Prepared", "prepare_volume", "restore_volume", "resample_onto", "thi
            "load_subject"]
 
 
+#: A stack of slices longer than this (mm) is no anatomy: its header's voxel size is wrong.
+MAX_STACK_MM = 2000.0
+
+
 @dataclass(frozen=True)
 class Prepared:
     """One volume on the model grid.
@@ -128,10 +132,19 @@ def resample_onto(volume: Volume, reference: Volume, *, nearest: bool) -> Volume
 def thin_slices(volume: Volume, step_mm: float, *, nearest: bool = False) -> Volume:
     """``volume`` on its canonical grid with axial slices ``step_mm`` apart, from its first slice to its last
     (linear, or nearest for masks): thick slices made thin, so that the 2.5-D context of a slice holds its physical
-    neighbours. The in-plane grid is unchanged."""
+    neighbours. The in-plane grid is unchanged.
+
+    Raises:
+        InputError: the slices span more than :data:`MAX_STACK_MM` (a wrong voxel size in the header, which would
+            otherwise be thinned into thousands of slices).
+    """
     canonical = to_canonical(volume)
     sx, sy, sz = canonical.spacing
-    count = max(1, round((canonical.shape[0] - 1) * sz / step_mm) + 1)
+    span = (canonical.shape[0] - 1) * sz
+    if span > MAX_STACK_MM:
+        raise InputError(f"{canonical.shape[0]} slices {sz:.4g} mm apart span {span:.4g} mm: no anatomy is that long",
+                         path=volume.meta.get("path"), hint="check the voxel size in the header")
+    count = max(1, round(span / step_mm) + 1)
     reference = Volume(np.zeros((count, *canonical.shape[1:]), dtype=np.uint8), np.array([sx, sy, step_mm]),
                        canonical.origin, canonical.direction, meta=dict(volume.meta))
     thin = resample_onto(canonical, reference, nearest=nearest)

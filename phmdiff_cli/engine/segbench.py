@@ -241,6 +241,13 @@ class _Loader:
         self.grid, self.values, self.notes = grid, np.asarray(values), notes
         self._labels: dict[Path, _Label] = {}
         self._images: dict[Path, np.ndarray] = {}
+        self._masks: dict[Path, Volume] = {}
+
+    def _mask(self, path: Path) -> Volume:
+        """A brain mask as read, once per file (every image of a case uses it)."""
+        if path not in self._masks:
+            self._masks[path] = read_volume(path)
+        return self._masks[path]
 
     def label(self, case: SegCase) -> _Label:
         if case.label not in self._labels:
@@ -264,7 +271,7 @@ class _Loader:
             if not volume.same_grid(reference, tol=1e-3):
                 self.notes.append(f"{path.name}: resampled (linear) onto the grid of {case.label.name}")
                 volume = resample_onto(volume, reference, nearest=False)
-            mask = read_volume(case.mask) if case.mask is not None else None
+            mask = self._mask(case.mask) if case.mask is not None else None
             if mask is not None and not mask.same_grid(volume, tol=1e-3):
                 mask = resample_onto(mask, volume, nearest=True)
             with warnings.catch_warnings(record=True) as caught:

@@ -40,7 +40,7 @@ from phmdiff_cli.engine.device import autocast, configure_backends
 from phmdiff_cli.engine.input_domain import check, measure
 from phmdiff_cli.engine.pretrained import Pretrained
 from phmdiff_cli.errors import EXIT_INTERNAL, InputError, PhmdiffError
-from phmdiff_cli.io import Volume, canonical_grid, to_canonical
+from phmdiff_cli.io import Volume, canonical_grid
 from phmdiff_cli.modalities import is_ct, modality_id
 
 __all__ = [
@@ -67,8 +67,6 @@ CPU_BUDGET_BYTES = 256 * 2**20
 GPU_BUDGET_FRACTION = 0.5
 #: Slices further apart than this many model spacings are resampled to the model spacing for synthesis.
 THIN_MARGIN = 1.25
-#: A stack of slices longer than this (mm) is no anatomy: its header's voxel size is wrong (refused, not thinned).
-MAX_STACK_MM = 2000.0
 #: A model-range value at most this far above the background counts as background (Gaussian anti-aliasing of a
 #: constant -1 is -1 only up to float rounding).
 _BACKGROUND_TOL = 1e-4
@@ -322,11 +320,6 @@ class Synthesizer:
         step, spacing = self.pretrained.grid.spacing_mm, float(canonical_grid(sources[0]).spacing[2])
         if spacing <= THIN_MARGIN * step:
             return sources, mask
-        count = to_canonical(sources[0]).shape[0]
-        if spacing * (count - 1) > MAX_STACK_MM:
-            raise InputError(f"{count} slices {spacing:.4g} mm apart span {spacing * (count - 1):.4g} mm: no anatomy "
-                             "is that long", path=sources[0].meta.get("path"),
-                             hint="check the voxel size in the header")
         notes.append(f"slices {spacing:.3g} mm apart resampled to {step:g} mm for synthesis (linear); the output "
                      "is averaged back onto the source's slices")
         thin_mask = thin_slices(mask, step, nearest=True) if mask is not None else None
