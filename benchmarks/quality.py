@@ -14,15 +14,17 @@ prediction over reference, 1 = as sharp). The table gives every subject and the 
 
 Methods (``--only`` picks some):
 
-- ``phmdiff``: PHMDiff ``small`` trained by ``phmdiff train`` on the protocol's pairs, budget B; ablations,
-  each with one part removed: ``no-pyramid`` (one 240 px level, 16 px patches), ``no-masking`` (mask ratio
-  0), ``no-cgr`` (the three CGR weights 0), ``no-rank`` (percentile-scaled sources instead of their ranks),
+- ``phmdiff``: PHMDiff ``small`` trained by ``phmdiff train`` on the evaluated pairs (as the baselines),
+  budget B; ablations, each with one part removed: ``no-pyramid`` (one 240 px level, 16 px patches),
+  ``no-masking`` (mask ratio 0), ``no-cgr`` (the three CGR weights 0), ``no-rank`` (percentile-scaled sources
+  instead of their ranks),
   ``no-sigma-max`` (log-normal training noise only), ``no-unet-head`` (the three-convolution refinement head
   instead of the UNet head), ``coarse-noise-0.1`` (finer levels trained on coarse conditions noised by at most
   0.1 instead of 0.5), ``plain-dit`` (no masking and no pyramid); candidates, each with one change:
   ``foreground-rank`` (sources' darkest foreground at rank -0.5, apart from the background's -1),
   ``refine-sigma-1`` (the finer levels sample from the coarser sample noised to sigma 1, SDEdit, and train on
-  noise levels up to 1).
+  noise levels up to 1), ``anchor-l1-ssim`` (L1 and 1 - SSIM of the decisive sigma_max prediction beside its
+  EDM loss, weights 1 and 1), ``lr-5e-4`` (AdamW at the regression UNet's 5e-4 instead of 2e-4).
 - baselines: ``regression-unet`` (MONAI BasicUNet, L1, one forward pass) and ``monai-ddim`` (MONAI
   DiffusionModelUNet, DDPM training, DDIM sampling), both on the evaluated pairs for B, told the pair by
   the group of input channels the source fills; ``hist-matched`` (no training): the source inside its
@@ -73,7 +75,7 @@ PROTOCOL = ROOT / "weights" / "brain_data.json"
 EVAL_PAIRS = "t1n:t2w,t1c:t2f"
 #: ``phmdiff eval`` defaults, and sharpness.
 METRICS = {"psnr": "psnr", "ssim": "ssim", "sharpness": "sharpness"}
-#: PHMDiff runs of ``phmdiff train`` on the protocol's pairs: extra flags.
+#: PHMDiff runs of ``phmdiff train`` on the evaluated pairs (EVAL_PAIRS): extra flags.
 RUNS: dict[str, list[str]] = {
     "phmdiff": [],
     "no-pyramid": ["--levels", "1"],
@@ -86,23 +88,26 @@ RUNS: dict[str, list[str]] = {
     "plain-dit": ["--levels", "1", "--mask-ratio", "0"],
     "foreground-rank": ["--source-norm", "foreground-rank"],
     "refine-sigma-1": ["--config", "{work}/refine-sigma-1.json"],
+    "anchor-l1-ssim": ["--config", "{work}/anchor-l1-ssim.json"],
+    "lr-5e-4": [],
 }
 #: The model-config overrides (``phmdiff train --config``) that the ``{work}/NAME.json`` flags above name; the
-#: protocol's data, pairs and validation subjects are added to each.
+#: protocol's data and validation subjects, and the evaluated pairs, are added to each.
 CONFIGS: dict[str, dict[str, Any]] = {
     "no-sigma-max": {"model": {"diffusion": {"p_sigma_max": 0.0}}},
     "no-unet-head": {"model": {"refine_depth": 0, "refine_channels": 32}},
     "coarse-noise-0.1": {"model": {"diffusion": {"coarse_noise": 0.1}}},
     "refine-sigma-1": {"model": {"diffusion": {"refine_sigma": 1.0}}},
+    "anchor-l1-ssim": {"model": {"diffusion": {"anchor_l1": 1.0, "anchor_ssim": 1.0}}},
 }
 #: Candidates are changes to the engine measured against ``phmdiff`` (issue "sharp synthesis").
-CANDIDATES = ("foreground-rank", "refine-sigma-1")
+CANDIDATES = ("foreground-rank", "refine-sigma-1", "anchor-l1-ssim", "lr-5e-4")
 ROLES = {"phmdiff": "proposed",
          **{name: "ablation" for name in RUNS if name not in ("phmdiff", "plain-dit", *CANDIDATES)},
          **dict.fromkeys(CANDIDATES, "candidate"), "plain-dit": "baseline", "monai-ddim": "baseline",
          "regression-unet": "baseline", "hist-matched": "baseline"}
 #: AdamW learning rate per trained method unless ``--lr`` says otherwise (PHMDiff runs: the trainer's 2e-4).
-DEFAULT_LR = {**dict.fromkeys(RUNS, 2e-4), "monai-ddim": 2e-4, "regression-unet": 5e-4}
+DEFAULT_LR = {**dict.fromkeys(RUNS, 2e-4), "lr-5e-4": 5e-4, "monai-ddim": 2e-4, "regression-unet": 5e-4}
 DEFAULT_BATCH = 8  # the trainer's default, for every trained method unless ``--batch`` says otherwise
 
 #: A method's whole-volume synthesis: (validation slices, item) -> float32 ``(z, H, W)`` model-range volume.
@@ -229,7 +234,7 @@ def train_command(name: str, args: argparse.Namespace) -> list[str]:
     """The ``phmdiff train`` command (as a user would run it) of one PHMDiff run, its config file written."""
     args.work.mkdir(parents=True, exist_ok=True)
     config = args.work / f"{name}.json"
-    config.write_text(json.dumps({**json.loads(PROTOCOL.read_text()), **CONFIGS.get(name, {})}))
+    config.write_text(json.dumps({**json.loads(PROTOCOL.read_text()), "pairs": EVAL_PAIRS, **CONFIGS.get(name, {})}))
     flags = [flag for flag in RUNS[name] if flag != "--config" and "{work}" not in flag]
     never = "1000000000"  # no validation or checkpoint inside the budget; the trainer validates once after it
     return [sys.executable, "-m", "phmdiff_cli", "train", "--config", str(config), "--out", str(args.work / name),

@@ -62,6 +62,9 @@ class DiffusionConfig:
             ``sampling.sigma_max``; they then train on noise levels up to it (log-normal draws clipped to it, and
             the ``p_sigma_max`` share at it), where their evaluations are spent.
         mae_weight: weight of the reconstruction loss on masked tokens (MaskDiT: 0.1).
+        anchor_l1, anchor_ssim: weights of the mean absolute error and of 1 - SSIM of the denoised prediction
+            on the ``p_sigma_max`` samples (the sampler's decisive first evaluation), beside its EDM loss
+            (:func:`~phmdiff_cli.diffusion.losses.anchor_losses`); 0 = off.
         cgr_pixel: CGR pixel term: the fine prediction, area-downsampled, against the coarser level's
             prediction.
         cgr_structure: CGR structure term: agreement of the image gradients of the same pair.
@@ -76,6 +79,8 @@ class DiffusionConfig:
     coarse_noise: float = 0.1
     refine_sigma: float = 0.0
     mae_weight: float = 0.1
+    anchor_l1: float = 0.0
+    anchor_ssim: float = 0.0
     cgr_pixel: float = 0.1
     cgr_structure: float = 0.05
     cgr_feature: float = 0.01

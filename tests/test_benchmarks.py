@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -49,6 +50,25 @@ def test_quality_samples_with_the_sampler_steps_and_reports_the_total_training(
     assert method.budget_min == round((training["elapsed_s"] + training["init"]["elapsed_s"]) / 60, 1)
     assert method.pairs == quality.EVAL_PAIRS  # the shipped model serves both evaluated pairs
 
+
+def test_quality_trains_phmdiff_runs_on_the_evaluated_pairs_like_the_baselines(tmp_path: Path) -> None:
+    """Every PHMDiff run gets the protocol's data and validation subjects but only the evaluated pairs (the
+    baselines' pairs: an equal budget spent on the same task), plus its own model overrides; the config is one
+    ``phmdiff train`` accepts."""
+    from phmdiff_cli.engine.settings import build_model_config, load_settings
+
+    args = argparse.Namespace(work=tmp_path, cache_dir=tmp_path / "cache", minutes=30.0, batch={},
+                              lr=quality.DEFAULT_LR, warmup=20, seed=0)
+    command = quality.train_command("anchor-l1-ssim", args)
+    config = tmp_path / "anchor-l1-ssim.json"
+    assert command[command.index("--config") + 1] == str(config)
+    settings = load_settings(config, {})
+    protocol = json.loads(quality.PROTOCOL.read_text())
+    assert settings.pairs == quality.EVAL_PAIRS and settings.val_subjects == protocol["val_subjects"]
+    model = build_model_config(settings, sources=1)
+    assert (model.diffusion.anchor_l1, model.diffusion.anchor_ssim) == (1.0, 1.0)
+    quality.train_command("phmdiff", args)
+    assert build_model_config(load_settings(tmp_path / "phmdiff.json", {}), sources=1).diffusion.anchor_l1 == 0
 
 def test_hist_matched_baseline_maps_the_source_onto_the_real_target_histogram(
     brats_dir: Path, tmp_path: Path

@@ -12,6 +12,7 @@ from phmdiff_cli.config import model_config
 from phmdiff_cli.diffusion import EDMScheduler, sample, training_loss
 from phmdiff_cli.diffusion.cgr import cgr_feature, cgr_pixel, cgr_structure, gaussian_mmd
 from phmdiff_cli.diffusion.edm import karras_sigmas, precondition
+from phmdiff_cli.diffusion.losses import NoisedTarget, anchor_losses
 from phmdiff_cli.models import PHMDiff
 
 SIGMA_MAX = 80.0
@@ -207,6 +208,38 @@ def test_cgr_weights_switch_terms_off() -> None:
     expected = 0.1 * logs["cgr_pixel"] + 0.05 * logs["cgr_structure"] + 0.01 * logs["cgr_feature"]
     torch.testing.assert_close(with_cgr - without, expected, rtol=1e-4, atol=1e-6)
     assert logs_off["cgr_pixel"] == 0
+
+
+def test_anchor_terms_score_only_the_decisive_samples() -> None:
+    """``anchor_l1`` is the mean absolute error of D over the decisive samples, ``anchor_ssim`` 1 - SSIM (0 for
+    an exact prediction); a non-decisive sample's error does not count."""
+    target = torch.rand(2, 1, 32, 32) * 2 - 1
+    pred = target + torch.tensor([0.0, 0.5]).reshape(2, 1, 1, 1)
+    ones = torch.ones(2, 1, 1, 1)
+    noised = NoisedTarget(target, ones, ones, target, torch.zeros(2), torch.tensor([1.0, 0.0]))
+    cfg = model_config("tiny").diffusion
+    cfg.anchor_l1 = cfg.anchor_ssim = 1.0
+    exact = anchor_losses([pred], [noised], [target], cfg)
+    assert float(exact["anchor_l1"]) == 0 and float(exact["anchor_ssim"]) == pytest.approx(0, abs=1e-5)
+    shifted = anchor_losses([pred + 0.1], [noised], [target], cfg)
+    assert float(shifted["anchor_l1"]) == pytest.approx(0.1, abs=1e-6)
+    blurred = torch.nn.functional.avg_pool2d(target, 5, stride=1, padding=2)
+    assert float(anchor_losses([blurred], [noised], [target], cfg)["anchor_ssim"]) > 0.2
+
+
+def test_anchor_weights_add_their_terms_to_the_loss() -> None:
+    torch.manual_seed(0)
+    model = PHMDiff(model_config("tiny")).train()
+    batch = _batch(model.config)
+    without, logs_off = training_loss(model, batch, generator=torch.Generator().manual_seed(0))
+    assert logs_off["anchor_l1"] == 0 and logs_off["anchor_ssim"] == 0
+    dcfg = model.config.diffusion
+    dcfg.anchor_l1, dcfg.anchor_ssim = 1.0, 0.5
+    with_anchor, logs = training_loss(model, batch, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(logs["denoise"], logs_off["denoise"])
+    assert logs["anchor_l1"] > 0 and logs["anchor_ssim"] > 0
+    torch.testing.assert_close(with_anchor - without, logs["anchor_l1"] + 0.5 * logs["anchor_ssim"],
+                               rtol=1e-4, atol=1e-6)
 
 
 def test_cgr_terms_vanish_for_consistent_levels() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -13,7 +14,7 @@ from phmdiff_cli.diffusion.edm import precondition, sample_sigma
 from phmdiff_cli.diffusion.pyramid import image_pyramid, upsample
 from phmdiff_cli.models.masking import block_mask, keep_to_mask
 
-__all__ = ["training_loss", "check_batch"]
+__all__ = ["training_loss", "check_batch", "anchor_losses", "NoisedTarget"]
 
 
 def check_batch(model: nn.Module, source: Tensor, src_mod: Tensor, tgt_mod: Tensor) -> None:
@@ -46,7 +47,7 @@ def training_loss(
     ground truth of level l - 1, noise-augmented and upsampled (``DiffusionConfig.coarse_noise``). The EDM
     loss ``lambda(sigma) * |D - y|^2`` is computed in F-space (``|F - (y - c_skip x) / c_out|^2``, the same
     value with better conditioning) on the pixels of kept tokens; masked tokens add ``mae_weight`` times the
-    same error.
+    same error; the decisive samples (``p_sigma_max``) add the ``anchor_l1`` / ``anchor_ssim`` terms.
 
     Args:
         model: a :class:`~phmdiff_cli.models.PHMDiff` (or a wrapper exposing ``config``), in train mode.
@@ -59,8 +60,8 @@ def training_loss(
 
     Returns:
         ``(loss, logs)``: the scalar to backpropagate, and detached scalar tensors ``denoise``, ``mae``,
-        ``cgr_pixel``, ``cgr_structure``, ``cgr_feature`` and ``denoise_l{level}`` (tensors, so logging them
-        costs no device sync until the caller asks).
+        ``anchor_l1``, ``anchor_ssim``, ``cgr_pixel``, ``cgr_structure``, ``cgr_feature`` and
+        ``denoise_l{level}`` (tensors, so logging them costs no device sync until the caller asks).
     """
     cfg = model.config
     source, src_mod, tgt_mod, target = batch["source"], batch["src_mod"], batch["tgt_mod"], batch["target"]
@@ -74,11 +75,14 @@ def training_loss(
                                        src_mod, tgt_mod, levels=list(range(cfg.levels)), keeps=keeps)
     denoise, mae, denoised, logs = denoising_losses(outs, noised, targets, keeps, cfg)
     cgr = cgr_losses(denoised, feats, cfg.diffusion, generator)
+    anchor = anchor_losses(denoised, noised, targets, cfg.diffusion)
     d, pairs = cfg.diffusion, max(cfg.levels - 1, 1)
-    loss = (denoise + d.mae_weight * mae) / cfg.levels + (
+    loss = (denoise + d.mae_weight * mae + d.anchor_l1 * anchor["anchor_l1"] + d.anchor_ssim * anchor["anchor_ssim"]
+            ) / cfg.levels + (
         d.cgr_pixel * cgr["cgr_pixel"] + d.cgr_structure * cgr["cgr_structure"] + d.cgr_feature * cgr["cgr_feature"]
     ) / pairs
     logs.update(denoise=(denoise / cfg.levels).detach(), mae=(mae / cfg.levels).detach(),
+                **{k: (v / cfg.levels).detach() for k, v in anchor.items()},
                 **{k: (v / pairs).detach() for k, v in cgr.items()})
     return loss, logs
 
@@ -111,13 +115,16 @@ def token_masks(batch: int, cfg: ModelConfig, mask_ratio: float | None, *, devic
 
 class NoisedTarget(NamedTuple):
     """One level's target with training noise: ``x = y + sigma * n``, its EDM scalings, the network input
-    ``c_in * x`` and noise label ``c_noise``; all (B, 1, h, w) or broadcastable (B, 1, 1, 1), labels (B,)."""
+    ``c_in * x`` and noise label ``c_noise``; all (B, 1, h, w) or broadcastable (B, 1, 1, 1), labels (B,);
+    ``decisive`` (B,) float, 1 for the samples noised at the level's starting sigma (the ``p_sigma_max``
+    share: the evaluation that decides a few-step sample)."""
 
     x: Tensor
     c_skip: Tensor
     c_out: Tensor
     input: Tensor
     label: Tensor
+    decisive: Tensor
 
 
 def noised_target(target: Tensor, level: int, cfg: ModelConfig, generator: torch.Generator | None) -> NoisedTarget:
@@ -130,12 +137,13 @@ def noised_target(target: Tensor, level: int, cfg: ModelConfig, generator: torch
     if level > 0 and d.refine_sigma > 0:  # a finer level starting to sample there never sees more
         start = d.refine_sigma
         sigma = sigma.clamp(max=start)
+    top = torch.zeros_like(sigma, dtype=torch.bool)
     if d.p_sigma_max > 0:
         top = torch.rand(target.shape[0], device=target.device, generator=generator) < d.p_sigma_max
         sigma = torch.where(top, torch.full_like(sigma, start), sigma)
     c_skip, c_out, c_in, c_noise = precondition(sigma, d.sigma_data)
     x = target + sigma.reshape(-1, 1, 1, 1) * torch.randn(target.shape, device=target.device, generator=generator)
-    return NoisedTarget(x, c_skip, c_out, c_in * x, c_noise)
+    return NoisedTarget(x, c_skip, c_out, c_in * x, c_noise, top.float())
 
 
 def denoising_losses(outs: list[Tensor], noised: list[NoisedTarget], targets: list[Tensor],
@@ -178,6 +186,37 @@ def cgr_losses(denoised: list[Tensor], feats: list[Tensor], d: DiffusionConfig, 
         if d.cgr_feature:
             cgr["cgr_feature"] = cgr["cgr_feature"] + cgr_feature(feats[level], feats[level - 1], generator=generator)
     return cgr
+
+
+def anchor_losses(denoised: list[Tensor], noised: list[NoisedTarget], targets: list[Tensor], d: DiffusionConfig
+                  ) -> dict[str, Tensor]:
+    """Structure-aware terms on the decisive evaluation (the samples noised at the level's starting sigma),
+    summed over levels: mean absolute error of the denoised prediction D (``anchor_l1``) and 1 - SSIM (7-pixel
+    uniform window, as ``phmdiff eval``; ``anchor_ssim``), each averaged over the decisive samples. A few-step
+    sampler's output is that evaluation; its weighted MSE alone learns the blurred conditional mean, where L1
+    (the median) and SSIM reward edges and local contrast. Terms with weight 0 are not computed."""
+    zero = denoised[0].new_zeros(())
+    anchor = {"anchor_l1": zero, "anchor_ssim": zero}
+    for pred, n, target in zip(denoised, noised, targets, strict=True):
+        share = n.decisive.sum().clamp(min=1)
+        if d.anchor_l1:
+            per_sample = (pred - target).abs().mean(dim=(1, 2, 3))
+            anchor["anchor_l1"] = anchor["anchor_l1"] + (per_sample * n.decisive).sum() / share
+        if d.anchor_ssim:
+            # float32 even under autocast: SSIM's local variances E[x^2] - E[x]^2 cancel catastrophically in
+            # bf16 (about 0.01 on the background, above the stabilising constant), which made the loss NaN.
+            with torch.autocast(pred.device.type, enabled=False):
+                per_sample = _ssim_loss()(pred.float(), target.float()).reshape(-1)
+            anchor["anchor_ssim"] = anchor["anchor_ssim"] + (per_sample * n.decisive).sum() / share
+    return anchor
+
+
+@functools.cache
+def _ssim_loss() -> nn.Module:
+    """MONAI's per-sample 1 - SSIM in the model range [-1, 1] (data range 2), imported on first use."""
+    from monai.losses import SSIMLoss  # MONAI takes seconds to import
+
+    return SSIMLoss(spatial_dims=2, data_range=2.0, kernel_type="uniform", win_size=7, reduction="none")
 
 
 def _kept_pixels(keep: Tensor | None, grid: int, patch: int, like: Tensor) -> Tensor:
