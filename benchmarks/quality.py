@@ -24,7 +24,10 @@ Methods (``--only`` picks some):
   ``foreground-rank`` (sources' darkest foreground at rank -0.5, apart from the background's -1),
   ``refine-sigma-1`` (the finer levels sample from the coarser sample noised to sigma 1, SDEdit, and train on
   noise levels up to 1), ``anchor-l1-ssim`` (L1 and 1 - SSIM of the decisive sigma_max prediction beside its
-  EDM loss, weights 1 and 1), ``lr-5e-4`` (AdamW at the regression UNet's 5e-4 instead of 2e-4).
+  EDM loss, weights 1 and 1), ``lr-5e-4`` (AdamW at the regression UNet's 5e-4 instead of 2e-4); on top of
+  ``lr-5e-4``: ``own-coarse`` (the finer levels trained on the model's own cascade, as sampling gives it,
+  instead of the noise-augmented real coarse target), ``two-level-own-coarse`` (the same with two levels, 120
+  and 240 px).
 - baselines: ``regression-unet`` (MONAI BasicUNet, L1, one forward pass) and ``monai-ddim`` (MONAI
   DiffusionModelUNet, DDPM training, DDIM sampling), both on the evaluated pairs for B, told the pair by
   the group of input channels the source fills; ``hist-matched`` (no training): the source inside its
@@ -90,6 +93,8 @@ RUNS: dict[str, list[str]] = {
     "refine-sigma-1": ["--config", "{work}/refine-sigma-1.json"],
     "anchor-l1-ssim": ["--config", "{work}/anchor-l1-ssim.json"],
     "lr-5e-4": [],
+    "own-coarse": ["--config", "{work}/own-coarse.json"],
+    "two-level-own-coarse": ["--levels", "2", "--config", "{work}/two-level-own-coarse.json"],
 }
 #: The model-config overrides (``phmdiff train --config``) that the ``{work}/NAME.json`` flags above name; the
 #: protocol's data and validation subjects, and the evaluated pairs, are added to each.
@@ -99,15 +104,19 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "coarse-noise-0.1": {"model": {"diffusion": {"coarse_noise": 0.1}}},
     "refine-sigma-1": {"model": {"diffusion": {"refine_sigma": 1.0}}},
     "anchor-l1-ssim": {"model": {"diffusion": {"anchor_l1": 1.0, "anchor_ssim": 1.0}}},
+    "own-coarse": {"model": {"diffusion": {"own_coarse": 1.0}}},
+    "two-level-own-coarse": {"model": {"diffusion": {"own_coarse": 1.0}}},
 }
 #: Candidates are changes to the engine measured against ``phmdiff`` (issue "sharp synthesis").
-CANDIDATES = ("foreground-rank", "refine-sigma-1", "anchor-l1-ssim", "lr-5e-4")
+CANDIDATES = ("foreground-rank", "refine-sigma-1", "anchor-l1-ssim", "lr-5e-4", "own-coarse", "two-level-own-coarse")
 ROLES = {"phmdiff": "proposed",
          **{name: "ablation" for name in RUNS if name not in ("phmdiff", "plain-dit", *CANDIDATES)},
          **dict.fromkeys(CANDIDATES, "candidate"), "plain-dit": "baseline", "monai-ddim": "baseline",
          "regression-unet": "baseline", "hist-matched": "baseline"}
-#: AdamW learning rate per trained method unless ``--lr`` says otherwise (PHMDiff runs: the trainer's 2e-4).
-DEFAULT_LR = {**dict.fromkeys(RUNS, 2e-4), "lr-5e-4": 5e-4, "monai-ddim": 2e-4, "regression-unet": 5e-4}
+#: AdamW learning rate per trained method unless ``--lr`` says otherwise (PHMDiff runs: the trainer's 2e-4; the
+#: candidates measured on top of ``lr-5e-4``: 5e-4).
+DEFAULT_LR = {**dict.fromkeys(RUNS, 2e-4), **dict.fromkeys(("lr-5e-4", "own-coarse", "two-level-own-coarse"), 5e-4),
+              "monai-ddim": 2e-4, "regression-unet": 5e-4}
 DEFAULT_BATCH = 8  # the trainer's default, for every trained method unless ``--batch`` says otherwise
 
 #: A method's whole-volume synthesis: (validation slices, item) -> float32 ``(z, H, W)`` model-range volume.

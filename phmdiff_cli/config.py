@@ -61,6 +61,12 @@ class DiffusionConfig:
             2022): from the upsampled coarser sample plus noise of this std, instead of from pure noise at
             ``sampling.sigma_max``; they then train on noise levels up to it (log-normal draws clipped to it, and
             the ``p_sigma_max`` share at it), where their evaluations are spent.
+        own_coarse: training only: the share of samples whose finer levels are conditioned, instead, on the
+            model's own cascade, as in sampling: level l - 1's first evaluation from pure noise at its starting
+            sigma (conditioned on its own cascade in turn), computed without gradients and upsampled. Conditioned
+            only on the real coarse target, the finer levels learn to copy it (a 30-minute model: each finer
+            level's sample is the upsampled coarser sample, no closer to the target; benchmarks/README.md,
+            "Where the error comes from"), so a few-step sample is decided at the coarsest level.
         mae_weight: weight of the reconstruction loss on masked tokens (MaskDiT: 0.1).
         anchor_l1, anchor_ssim: weights of the mean absolute error and of 1 - SSIM of the denoised prediction
             on the ``p_sigma_max`` samples (the sampler's decisive first evaluation), beside its EDM loss
@@ -78,6 +84,7 @@ class DiffusionConfig:
     p_sigma_max: float = 0.0
     coarse_noise: float = 0.1
     refine_sigma: float = 0.0
+    own_coarse: float = 0.0
     mae_weight: float = 0.1
     anchor_l1: float = 0.0
     anchor_ssim: float = 0.0

@@ -70,6 +70,27 @@ def test_quality_trains_phmdiff_runs_on_the_evaluated_pairs_like_the_baselines(t
     quality.train_command("phmdiff", args)
     assert build_model_config(load_settings(tmp_path / "phmdiff.json", {}), sources=1).diffusion.anchor_l1 == 0
 
+def test_cascade_error_columns_measure_against_the_right_references() -> None:
+    """Each level against the target at its own resolution; ``truth up`` is the real coarse target upsampled,
+    so a constant target gives it exactly 0 while an untrained model's samples are off."""
+    import cascade_error
+
+    from phmdiff_cli.config import model_config
+    from phmdiff_cli.models import PHMDiff
+
+    target = torch.full((1, 1, 240, 240), 0.5)
+    assert cascade_error.foreground_rmse(target + 0.1, target) == pytest.approx(0.1, abs=1e-5)
+    torch.manual_seed(0)
+    cfg = model_config("tiny")
+    batch = {"source": torch.rand(2, cfg.max_sources, 3, 64, 64) * 2 - 1,
+             "src_mod": torch.tensor([[1, 0, 0], [1, 0, 0]]), "tgt_mod": torch.tensor([3, 3]),
+             "target": torch.full((2, 1, 64, 64), 0.5)}
+    row = cascade_error.cascade_errors(PHMDiff(cfg).eval(), batch, seed=0)
+    assert list(row) == ["l0", "l1", "l2", "coarser up", "oracle fine", "truth up"]
+    assert row["truth up"] == pytest.approx(0, abs=1e-6)
+    assert all(row[k] > 0.05 for k in ("l0", "l1", "l2", "oracle fine"))
+
+
 def test_hist_matched_baseline_maps_the_source_onto_the_real_target_histogram(
     brats_dir: Path, tmp_path: Path
 ) -> None:

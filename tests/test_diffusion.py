@@ -242,6 +242,49 @@ def test_anchor_weights_add_their_terms_to_the_loss() -> None:
                                rtol=1e-4, atol=1e-6)
 
 
+def test_own_coarse_conditions_the_finer_levels_on_the_models_own_cascade(monkeypatch) -> None:
+    """With ``own_coarse`` the chosen samples' finer levels get what the sampler gives them: the coarser level's
+    clamped first evaluation (conditioned on its own cascade), upsampled, not the real coarse target; the other
+    samples keep the real one."""
+    from phmdiff_cli.diffusion import losses
+    from phmdiff_cli.diffusion.pyramid import upsample
+
+    torch.manual_seed(0)
+    cfg = model_config("tiny")
+    cfg.diffusion.own_coarse = 0.5
+    model = PHMDiff(cfg).train()
+    evaluations: list[tuple[int, torch.Tensor | None, torch.Tensor]] = []
+    real_denoise = losses.denoise
+
+    def spy_denoise(*args, level, **kwargs):
+        out = real_denoise(*args, level=level, **kwargs)
+        evaluations.append((level, args[4], out))
+        return out
+
+    given: list[list[torch.Tensor | None]] = []
+    forward = model.forward_levels
+
+    def spy_forward(xs, labels, sources, coarses, *args, **kwargs):
+        if len(coarses) == cfg.levels:  # the training pass (not the own evaluations through forward)
+            given.append(list(coarses))
+        return forward(xs, labels, sources, coarses, *args, **kwargs)
+
+    monkeypatch.setattr(losses, "denoise", spy_denoise)
+    model.forward_levels = spy_forward
+    batch = _batch(cfg, batch=32)
+    for target in (batch["target"], -batch["target"]):
+        training_loss(model, {**batch, "target": target}, generator=torch.Generator().manual_seed(0))
+    assert [level for level, *_ in evaluations] == [0, 1, 0, 1]  # the levels below the finest, per step
+    level0, level1 = evaluations[0], evaluations[1]
+    assert level0[1] is None
+    torch.testing.assert_close(level1[1], upsample(level0[2].clamp(-1, 1), cfg.level_size(1)))
+    own = (given[0][2] == upsample(level1[2].clamp(-1, 1), cfg.level_size(2))).all(dim=(1, 2, 3))
+    assert 8 <= int(own.sum()) <= 24
+    for level in (1, 2):  # own samples do not see the target; the others do
+        same = (given[0][level] == given[1][level]).all(dim=(1, 2, 3))
+        assert torch.equal(same, own)
+
+
 def test_cgr_terms_vanish_for_consistent_levels() -> None:
     fine = torch.rand(2, 1, 32, 32)
     coarse = torch.nn.functional.avg_pool2d(fine, 2)

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from phmdiff_cli.config import DiffusionConfig, ModelConfig
 from phmdiff_cli.diffusion.cgr import cgr_feature, cgr_pixel, cgr_structure
-from phmdiff_cli.diffusion.edm import precondition, sample_sigma
+from phmdiff_cli.diffusion.edm import denoise, precondition, sample_sigma
 from phmdiff_cli.diffusion.pyramid import image_pyramid, upsample
 from phmdiff_cli.models.masking import block_mask, keep_to_mask
 
@@ -44,7 +44,8 @@ def training_loss(
     match).
 
     Per level l the target is the area-downsampled ground truth; level l > 0 is conditioned on the downsampled
-    ground truth of level l - 1, noise-augmented and upsampled (``DiffusionConfig.coarse_noise``). The EDM
+    ground truth of level l - 1, noise-augmented and upsampled (``DiffusionConfig.coarse_noise``), or for an
+    ``own_coarse`` share of the samples on the model's own cascade (:func:`with_own_coarse`). The EDM
     loss ``lambda(sigma) * |D - y|^2`` is computed in F-space (``|F - (y - c_skip x) / c_out|^2``, the same
     value with better conditioning) on the pixels of kept tokens; masked tokens add ``mae_weight`` times the
     same error; the decisive samples (``p_sigma_max``) add the ``anchor_l1`` / ``anchor_ssim`` terms.
@@ -69,6 +70,8 @@ def training_loss(
     targets, sources = image_pyramid(target, cfg.levels), image_pyramid(source, cfg.levels)
     # The random draws keep this order (coarse conditions, masks, noise): a resumed run repeats its steps exactly.
     coarses = coarse_conditions(targets, cfg, generator)
+    if cfg.diffusion.own_coarse > 0:
+        coarses = with_own_coarse(coarses, model, sources, src_mod, tgt_mod, generator)
     keeps = token_masks(target.shape[0], cfg, mask_ratio, device=target.device, generator=generator)
     noised = [noised_target(targets[level], level, cfg, generator) for level in range(cfg.levels)]
     outs, feats = model.forward_levels([n.input for n in noised], [n.label for n in noised], sources, coarses,
@@ -100,6 +103,39 @@ def coarse_conditions(targets: list[Tensor], cfg: ModelConfig, generator: torch.
             previous.shape, device=previous.device, generator=generator)
         coarses.append(upsample(noisy, cfg.level_size(level)))
     return coarses
+
+
+@torch.no_grad()
+def with_own_coarse(coarses: list[Tensor | None], model: nn.Module, sources: list[Tensor], src_mod: Tensor,
+                    tgt_mod: Tensor, generator: torch.Generator | None) -> list[Tensor | None]:
+    """Replace the coarse conditions of an ``own_coarse`` share of the samples by what the sampler gives the
+    finer levels: level l - 1's denoised prediction at its starting sigma, from pure noise, conditioned on the
+    same cascade below it (one evaluation per level, unmasked, no gradients), upsampled to level l.
+
+    Args:
+        coarses: per level, the (B, 1, h, w) real-target conditions of :func:`coarse_conditions` (None at 0).
+        sources: per level, the (B, S, 2k+1, h, w) source pyramid.
+
+    Returns:
+        The same list with the chosen samples' conditions (the same samples at every level) replaced.
+    """
+    cfg = model.config
+    d, s = cfg.diffusion, cfg.sampling
+    batch, device = src_mod.shape[0], src_mod.device
+    own = (torch.rand(batch, device=device, generator=generator) < d.own_coarse).reshape(-1, 1, 1, 1)
+    mixed: list[Tensor | None] = [None]
+    cascade: Tensor | None = None
+    for level in range(cfg.levels - 1):
+        side = cfg.level_size(level)
+        start = d.refine_sigma if level and d.refine_sigma > 0 else s.sigma_max
+        x = start * torch.randn(batch, 1, side, side, device=device, generator=generator)
+        if level and d.refine_sigma > 0:  # SDEdit: the sampler starts this level from the coarser sample
+            x = x + cascade
+        sigma = torch.full((batch,), start, device=device)
+        pred = denoise(model, x, sigma, sources[level], cascade, src_mod, tgt_mod, level=level).clamp(-1.0, 1.0)
+        cascade = upsample(pred, cfg.level_size(level + 1))
+        mixed.append(torch.where(own, cascade, coarses[level + 1]))
+    return mixed
 
 
 def token_masks(batch: int, cfg: ModelConfig, mask_ratio: float | None, *, device: torch.device,

@@ -11,7 +11,7 @@ from phmdiff_cli.diffusion.losses import check_batch
 from phmdiff_cli.diffusion.pyramid import image_pyramid, upsample
 from phmdiff_cli.diffusion.schedulers import EDMScheduler
 
-__all__ = ["sample"]
+__all__ = ["sample", "solve_level"]
 
 
 def _initial_noise(shape: tuple[int, ...], batch: int, samples: int, shared: torch.Generator | None,
@@ -22,6 +22,19 @@ def _initial_noise(shape: tuple[int, ...], batch: int, samples: int, shared: tor
         return torch.randn(samples * batch, *shape, device=device)
     noise = torch.randn(samples, 1, *shape, generator=shared)
     return noise.expand(samples, batch, *shape).reshape(samples * batch, *shape).to(device)
+
+
+@torch.no_grad()
+def solve_level(model: nn.Module, scheduler: EDMScheduler, x: Tensor, source: Tensor, coarse: Tensor | None,
+                src_mod: Tensor, tgt_mod: Tensor, *, level: int) -> Tensor:
+    """One pyramid level's ODE solve along ``scheduler.timesteps`` (set beforehand) from its start ``x``
+    (B, 1, h, w) (noise at ``init_noise_sigma``, plus the coarser sample under SDEdit), clamped to [-1, 1];
+    other arguments as in :meth:`~phmdiff_cli.models.PHMDiff.forward`, at this level's resolution."""
+    for sigma in scheduler.timesteps:
+        sigmas = torch.full((x.shape[0],), sigma, device=x.device)
+        denoised = denoise(model, x, sigmas, source, coarse, src_mod, tgt_mod, level=level)
+        x = scheduler.step(denoised, x)
+    return x.clamp(-1.0, 1.0)
 
 
 @torch.no_grad()
@@ -87,11 +100,7 @@ def sample(
         x = noises[level] * scheduler.init_noise_sigma
         if level and refine:  # SDEdit: the finer level starts from the coarser sample, noised
             x = x + coarse
-        for sigma in scheduler.timesteps:
-            sigmas = torch.full((x.shape[0],), sigma, device=device)
-            denoised = denoise(model, x, sigmas, sources[level], coarse, src_mod, tgt_mod, level=level)
-            x = scheduler.step(denoised, x)
-        x = x.clamp(-1.0, 1.0)
+        x = solve_level(model, scheduler, x, sources[level], coarse, src_mod, tgt_mod, level=level)
         if level + 1 < cfg.levels:
             coarse = upsample(x + coarse_noises[level] if coarse_noises else x, cfg.level_size(level + 1))
     draws = x.reshape(samples, b, *x.shape[1:])
