@@ -27,7 +27,8 @@ Methods (``--only`` picks some):
   EDM loss, weights 1 and 1), ``lr-5e-4`` (AdamW at the regression UNet's 5e-4 instead of 2e-4); on top of
   ``lr-5e-4``: ``own-coarse`` (the finer levels trained on the model's own cascade, as sampling gives it,
   instead of the noise-augmented real coarse target), ``two-level-own-coarse`` (the same with two levels, 120
-  and 240 px).
+  and 240 px); a diagnostic: ``no-pyramid-regression`` (one level trained only at sigma_max: the denoiser as a
+  pure regressor, LR 5e-4; score it with ``--steps 1``).
 - baselines: ``regression-unet`` (MONAI BasicUNet, L1, one forward pass) and ``monai-ddim`` (MONAI
   DiffusionModelUNet, DDPM training, DDIM sampling), both on the evaluated pairs for B, told the pair by
   the group of input channels the source fills; ``hist-matched`` (no training): the source inside its
@@ -95,6 +96,7 @@ RUNS: dict[str, list[str]] = {
     "lr-5e-4": [],
     "own-coarse": ["--config", "{work}/own-coarse.json"],
     "two-level-own-coarse": ["--levels", "2", "--config", "{work}/two-level-own-coarse.json"],
+    "no-pyramid-regression": ["--levels", "1", "--config", "{work}/no-pyramid-regression.json"],
 }
 #: The model-config overrides (``phmdiff train --config``) that the ``{work}/NAME.json`` flags above name; the
 #: protocol's data and validation subjects, and the evaluated pairs, are added to each.
@@ -106,6 +108,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "anchor-l1-ssim": {"model": {"diffusion": {"anchor_l1": 1.0, "anchor_ssim": 1.0}}},
     "own-coarse": {"model": {"diffusion": {"own_coarse": 1.0}}},
     "two-level-own-coarse": {"model": {"diffusion": {"own_coarse": 1.0}}},
+    "no-pyramid-regression": {"model": {"diffusion": {"p_sigma_max": 1.0}}},
 }
 #: Candidates are changes to the engine measured against ``phmdiff`` (issue "sharp synthesis").
 CANDIDATES = ("foreground-rank", "refine-sigma-1", "anchor-l1-ssim", "lr-5e-4", "own-coarse", "two-level-own-coarse")
@@ -113,10 +116,10 @@ ROLES = {"phmdiff": "proposed",
          **{name: "ablation" for name in RUNS if name not in ("phmdiff", "plain-dit", *CANDIDATES)},
          **dict.fromkeys(CANDIDATES, "candidate"), "plain-dit": "baseline", "monai-ddim": "baseline",
          "regression-unet": "baseline", "hist-matched": "baseline"}
-#: AdamW learning rate per trained method unless ``--lr`` says otherwise (PHMDiff runs: the trainer's 2e-4; the
-#: candidates measured on top of ``lr-5e-4``: 5e-4).
-DEFAULT_LR = {**dict.fromkeys(RUNS, 2e-4), **dict.fromkeys(("lr-5e-4", "own-coarse", "two-level-own-coarse"), 5e-4),
-              "monai-ddim": 2e-4, "regression-unet": 5e-4}
+#: The PHMDiff runs at the regression UNet's learning rate: ``lr-5e-4`` and the runs measured on top of it.
+AT_5E_4 = ("lr-5e-4", "own-coarse", "two-level-own-coarse", "no-pyramid-regression")
+#: AdamW learning rate per trained method unless ``--lr`` says otherwise (other PHMDiff runs: the trainer's 2e-4).
+DEFAULT_LR = {**dict.fromkeys(RUNS, 2e-4), **dict.fromkeys(AT_5E_4, 5e-4), "monai-ddim": 2e-4, "regression-unet": 5e-4}
 DEFAULT_BATCH = 8  # the trainer's default, for every trained method unless ``--batch`` says otherwise
 
 #: A method's whole-volume synthesis: (validation slices, item) -> float32 ``(z, H, W)`` model-range volume.

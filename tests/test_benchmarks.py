@@ -69,6 +69,12 @@ def test_quality_trains_phmdiff_runs_on_the_evaluated_pairs_like_the_baselines(t
     assert (model.diffusion.anchor_l1, model.diffusion.anchor_ssim) == (1.0, 1.0)
     quality.train_command("phmdiff", args)
     assert build_model_config(load_settings(tmp_path / "phmdiff.json", {}), sources=1).diffusion.anchor_l1 == 0
+    # the runs on top of lr-5e-4: their learning rate, levels and own-cascade training reach the trainer
+    command = quality.train_command("two-level-own-coarse", args)
+    assert command[command.index("--lr") + 1] == "0.0005"
+    assert command[command.index("--levels") + 1] == "2"
+    settings = load_settings(tmp_path / "two-level-own-coarse.json", {})
+    assert build_model_config(settings, sources=1).diffusion.own_coarse == 1.0
 
 def test_cascade_error_columns_measure_against_the_right_references() -> None:
     """Each level against the target at its own resolution; ``truth up`` is the real coarse target upsampled,
