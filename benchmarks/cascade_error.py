@@ -30,7 +30,7 @@ import torch
 from engine_speed import ROOT, machine
 
 from phmdiff_cli.diffusion.pyramid import image_pyramid, upsample
-from phmdiff_cli.diffusion.sampling import solve_level
+from phmdiff_cli.diffusion.sampling import level_scheduler, solve_level
 from phmdiff_cli.diffusion.schedulers import EDMScheduler
 from phmdiff_cli.engine.device import autocast, resolve_precision
 from phmdiff_cli.engine.pretrained import load_pretrained
@@ -51,8 +51,7 @@ def level_start(model: PHMDiff, level: int, steps: int, coarse: torch.Tensor | N
     seeded noise, SDEdit start from ``coarse`` when the model has ``refine_sigma``)."""
     cfg = model.config
     refine = cfg.diffusion.refine_sigma if level else 0.0
-    s = cfg.sampling
-    scheduler = EDMScheduler(s.sampler, s.sigma_min, refine or s.sigma_max, s.rho)
+    scheduler = level_scheduler(cfg, level)
     scheduler.set_timesteps(steps)
     side = cfg.level_size(level)
     noise = torch.randn(1, 1, side, side, generator=torch.Generator().manual_seed(seed + level))

@@ -28,7 +28,10 @@ Methods (``--only`` picks some):
   ``lr-5e-4``: ``own-coarse`` (the finer levels trained on the model's own cascade, as sampling gives it,
   instead of the noise-augmented real coarse target), ``two-level-own-coarse`` (the same with two levels, 120
   and 240 px); a diagnostic: ``no-pyramid-regression`` (one level trained only at sigma_max: the denoiser as a
-  pure regressor, LR 5e-4; score it with ``--steps 1``).
+  pure regressor, LR 5e-4; score it with ``--steps 1``) and ``regression-l1-ssim`` (the same with the L1 and
+  1 - SSIM terms of ``anchor-l1-ssim``); ``own-start`` (one level: half the samples that regression at sigma_max,
+  half noised around the model's own first evaluation to sigma <= 0.5, where the sampler's second evaluation
+  sits, ``second_sigma`` 0.5).
 - baselines: ``regression-unet`` (MONAI BasicUNet, L1, one forward pass) and ``monai-ddim`` (MONAI
   DiffusionModelUNet, DDPM training, DDIM sampling), both on the evaluated pairs for B, told the pair by
   the group of input channels the source fills; ``hist-matched`` (no training): the source inside its
@@ -97,6 +100,8 @@ RUNS: dict[str, list[str]] = {
     "own-coarse": ["--config", "{work}/own-coarse.json"],
     "two-level-own-coarse": ["--levels", "2", "--config", "{work}/two-level-own-coarse.json"],
     "no-pyramid-regression": ["--levels", "1", "--config", "{work}/no-pyramid-regression.json"],
+    "regression-l1-ssim": ["--levels", "1", "--config", "{work}/regression-l1-ssim.json"],
+    "own-start": ["--levels", "1", "--config", "{work}/own-start.json"],
 }
 #: The model-config overrides (``phmdiff train --config``) that the ``{work}/NAME.json`` flags above name; the
 #: protocol's data and validation subjects, and the evaluated pairs, are added to each.
@@ -109,15 +114,19 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "own-coarse": {"model": {"diffusion": {"own_coarse": 1.0}}},
     "two-level-own-coarse": {"model": {"diffusion": {"own_coarse": 1.0}}},
     "no-pyramid-regression": {"model": {"diffusion": {"p_sigma_max": 1.0}}},
+    "regression-l1-ssim": {"model": {"diffusion": {"p_sigma_max": 1.0, "anchor_l1": 1.0, "anchor_ssim": 1.0}}},
+    "own-start": {"model": {"diffusion": {"p_sigma_max": 1.0, "own_start": 0.5, "second_sigma": 0.5}}},
 }
 #: Candidates are changes to the engine measured against ``phmdiff`` (issue "sharp synthesis").
-CANDIDATES = ("foreground-rank", "refine-sigma-1", "anchor-l1-ssim", "lr-5e-4", "own-coarse", "two-level-own-coarse")
+CANDIDATES = ("foreground-rank", "refine-sigma-1", "anchor-l1-ssim", "lr-5e-4", "own-coarse", "two-level-own-coarse",
+              "own-start")
 ROLES = {"phmdiff": "proposed",
          **{name: "ablation" for name in RUNS if name not in ("phmdiff", "plain-dit", *CANDIDATES)},
          **dict.fromkeys(CANDIDATES, "candidate"), "plain-dit": "baseline", "monai-ddim": "baseline",
          "regression-unet": "baseline", "hist-matched": "baseline"}
 #: The PHMDiff runs at the regression UNet's learning rate: ``lr-5e-4`` and the runs measured on top of it.
-AT_5E_4 = ("lr-5e-4", "own-coarse", "two-level-own-coarse", "no-pyramid-regression")
+AT_5E_4 = ("lr-5e-4", "own-coarse", "two-level-own-coarse", "no-pyramid-regression", "regression-l1-ssim",
+           "own-start")
 #: AdamW learning rate per trained method unless ``--lr`` says otherwise (other PHMDiff runs: the trainer's 2e-4).
 DEFAULT_LR = {**dict.fromkeys(RUNS, 2e-4), **dict.fromkeys(AT_5E_4, 5e-4), "monai-ddim": 2e-4, "regression-unet": 5e-4}
 DEFAULT_BATCH = 8  # the trainer's default, for every trained method unless ``--batch`` says otherwise

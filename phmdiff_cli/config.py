@@ -67,6 +67,18 @@ class DiffusionConfig:
             only on the real coarse target, the finer levels learn to copy it (a 30-minute model: each finer
             level's sample is the upsampled coarser sample, no closer to the target; benchmarks/README.md,
             "Where the error comes from"), so a few-step sample is decided at the coarsest level.
+        second_sigma: 0, or the noise level of the sampler's second evaluation at every level: after the
+            first evaluation D at the level's starting sigma, the solver steps straight to this level (an Euler
+            step: D plus ``second_sigma / start`` of the start's deviation from D, its noise), then follows the
+            Karras schedule from here to ``sampling.sigma_min``. A few-step sample is its first evaluation's
+            conditional mean plus what the later evaluations add from this level down.
+        own_start: training only: the share of samples noised as the sampler's later evaluations see them,
+            used with ``second_sigma``: the model's own first evaluation from pure noise at the level's
+            starting sigma (no gradients, on the sample's own sources and coarse condition), moved by the Euler
+            step to ``second_sigma``, instead of the target plus noise. Trained on the target plus noise only,
+            the later evaluations see a blurred mean plus noise they never met and add texture that follows no
+            source (every evaluation below sigma ~1 lowered SSIM; benchmarks/README.md, "Sampling steps").
+            These samples are decisive for the ``anchor_l1`` / ``anchor_ssim`` terms.
         mae_weight: weight of the reconstruction loss on masked tokens (MaskDiT: 0.1).
         anchor_l1, anchor_ssim: weights of the mean absolute error and of 1 - SSIM of the denoised prediction
             on the ``p_sigma_max`` samples (the sampler's decisive first evaluation), beside its EDM loss
@@ -85,6 +97,8 @@ class DiffusionConfig:
     coarse_noise: float = 0.1
     refine_sigma: float = 0.0
     own_coarse: float = 0.0
+    second_sigma: float = 0.0
+    own_start: float = 0.0
     mae_weight: float = 0.1
     anchor_l1: float = 0.0
     anchor_ssim: float = 0.0
@@ -204,6 +218,10 @@ class ModelConfig:
             raise bad("hidden sizes must be divisible by their head counts", "e.g. hidden 256 with 4 heads")
         if self.source_norm not in SOURCE_NORMS:
             raise bad(f"source_norm {self.source_norm!r}", f"use one of {', '.join(SOURCE_NORMS)}")
+        d = self.diffusion
+        if not 0.0 <= d.own_start <= 1.0 or d.second_sigma < 0 or (d.own_start and not d.second_sigma):
+            raise bad(f"own_start {d.own_start}, second_sigma {d.second_sigma}",
+                      "own_start is a share in [0, 1] and needs a second_sigma > 0")
         if len(self.sampling.steps) != self.levels or self.sampling.sampler not in SAMPLERS:
             raise bad(f"sampling {self.sampling}", "one step count per level; sampler heun or euler")
 
@@ -215,6 +233,12 @@ class ModelConfig:
     def level_size(self, level: int) -> int:
         """H = W of ``level`` in pixels (level 0 coarsest)."""
         return self.image_size // 2 ** (self.levels - 1 - level)
+
+    def start_sigma(self, level: int) -> float:
+        """Noise level of the sampler's first evaluation at ``level``: ``sampling.sigma_max``, or
+        ``diffusion.refine_sigma`` at the finer levels when they start from the coarser sample (SDEdit)."""
+        refine = self.diffusion.refine_sigma
+        return refine if level and refine > 0 else self.sampling.sigma_max
 
     def grid_size(self, level: int) -> int:
         """Tokens per side at ``level``."""

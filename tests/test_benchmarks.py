@@ -75,6 +75,9 @@ def test_quality_trains_phmdiff_runs_on_the_evaluated_pairs_like_the_baselines(t
     assert command[command.index("--levels") + 1] == "2"
     settings = load_settings(tmp_path / "two-level-own-coarse.json", {})
     assert build_model_config(settings, sources=1).diffusion.own_coarse == 1.0
+    quality.train_command("own-start", args)
+    own_start = build_model_config(load_settings(tmp_path / "own-start.json", {}), sources=1).diffusion
+    assert (own_start.p_sigma_max, own_start.own_start, own_start.second_sigma) == (1.0, 0.5, 0.5)
 
 def test_cascade_error_columns_measure_against_the_right_references() -> None:
     """Each level against the target at its own resolution; ``truth up`` is the real coarse target upsampled,

@@ -285,6 +285,88 @@ def test_own_coarse_conditions_the_finer_levels_on_the_models_own_cascade(monkey
         assert torch.equal(same, own)
 
 
+def test_second_sigma_jumps_from_the_first_evaluation_to_it() -> None:
+    """With ``second_sigma`` a schedule is sigma_max, then the Karras schedule of the remaining steps from
+    ``second_sigma``; the Euler step lands on the first evaluation D plus ``second_sigma / sigma_max`` of the
+    start's deviation from D, and ``sample`` evaluates every level there."""
+    euler = EDMScheduler("euler", sigma_min=0.002, sigma_max=20.0, second_sigma=0.5)
+    for steps, sigmas in ((1, [20.0, 0.0]), (2, [20.0, 0.5, 0.0]), (3, [20.0, 0.5, 0.002, 0.0])):
+        euler.set_timesteps(steps)
+        assert euler.sigmas == pytest.approx(sigmas)
+    euler.set_timesteps(3)
+    x, d = torch.randn(2, 1, 4, 4) * 20, torch.rand(2, 1, 4, 4)
+    torch.testing.assert_close(euler.step(d, x), d + 0.5 / 20 * (x - d))
+    model = _tiny_model()
+    model.config.diffusion.second_sigma = 0.5
+    b = _batch(model.config)
+    seen: list[tuple[int, float]] = []
+    forward = model.forward
+
+    def spy(x, noise_labels, *args, level, **kwargs):
+        seen.append((level, math.exp(4 * float(noise_labels[0]))))
+        return forward(x, noise_labels, *args, level=level, **kwargs)
+
+    model.forward = spy
+    sample(model, b["source"], b["src_mod"], b["tgt_mod"], steps=2, sampler="euler", noise_seed=5)
+    assert [level for level, _ in seen] == [0, 0, 1, 1, 2, 2]
+    assert [sigma for _, sigma in seen] == pytest.approx([20.0, 0.5] * 3)
+
+
+def test_own_start_noises_a_share_around_the_models_own_first_evaluation(monkeypatch) -> None:
+    """With ``own_start`` the chosen samples are what the sampler's later evaluations see: the model's own first
+    evaluation D from noise x0 at sigma_max, moved by the Euler step to ``second_sigma``
+    (``D + sigma / sigma_max * (x0 - D)``), the same whatever the target, and decisive (anchored); the others
+    keep the target plus noise."""
+    from phmdiff_cli.diffusion import losses
+
+    torch.manual_seed(0)
+    cfg = model_config("tiny")
+    cfg.diffusion.second_sigma, cfg.diffusion.own_start = 0.5, 0.5
+    cfg.diffusion.anchor_l1 = 1.0
+    model = PHMDiff(cfg).train()
+    firsts: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    real_denoise = losses.denoise
+
+    def spy_denoise(model, x, sigma, *args, level, **kwargs):
+        out = real_denoise(model, x, sigma, *args, level=level, **kwargs)
+        firsts.append((level, x, sigma, out))
+        return out
+
+    passes: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
+    forward = model.forward_levels
+
+    def spy_forward(xs, labels, *args, **kwargs):
+        if len(xs) == cfg.levels:  # the training pass (not the first evaluations through forward)
+            passes.append((list(xs), list(labels)))
+        return forward(xs, labels, *args, **kwargs)
+
+    anchored: list[torch.Tensor] = []
+    real_anchor = losses.anchor_losses
+
+    def spy_anchor(denoised, noised, *args):
+        anchored.append(noised[0].decisive)
+        return real_anchor(denoised, noised, *args)
+
+    monkeypatch.setattr(losses, "denoise", spy_denoise)
+    monkeypatch.setattr(losses, "anchor_losses", spy_anchor)
+    model.forward_levels = spy_forward
+    batch = _batch(cfg, batch=32)
+    for target in (batch["target"], -batch["target"]):
+        training_loss(model, {**batch, "target": target}, generator=torch.Generator().manual_seed(0))
+    assert [level for level, *_ in firsts] == [0, 1, 2, 0, 1, 2]
+    assert all(torch.all(sigma == 20.0) for _, _, sigma, _ in firsts)
+    (xs, labels), (xs_flipped, _) = passes
+    own = (xs[2] == xs_flipped[2]).all(dim=(1, 2, 3))  # own starts do not see the target
+    assert 8 <= int(own.sum()) <= 24
+    sigma = torch.exp(4 * labels[2])
+    torch.testing.assert_close(sigma[own], torch.full_like(sigma[own], 0.5))
+    _, x0, _, first = firsts[2]
+    _, _, c_in, _ = precondition(sigma, cfg.diffusion.sigma_data)
+    expected = c_in * (first + sigma.reshape(-1, 1, 1, 1) / 20.0 * (x0 - first))
+    torch.testing.assert_close(xs[2][own], expected[own])
+    assert torch.all(anchored[0][own] == 1)
+
+
 def test_cgr_terms_vanish_for_consistent_levels() -> None:
     fine = torch.rand(2, 1, 32, 32)
     coarse = torch.nn.functional.avg_pool2d(fine, 2)

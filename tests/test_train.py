@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -183,6 +184,16 @@ def test_init_starts_from_a_model_and_keeps_its_config(
         assert torch.allclose(tuned.model.state_dict()[name], weight, atol=1e-6), name
     code, output = _train(*base, *args, "--size", "tiny", "--force")
     assert code == 2 and "--size cannot be used with --init" in output
+    # the training objective and default sampler may change: the same network trained on its own first evaluations
+    objective = tmp_path / "objective.json"
+    objective.write_text(json.dumps({"model": {"diffusion": {"own_start": 0.5, "second_sigma": 0.5},
+                                               "sampling": {"sampler": "euler"}}}))
+    code, output = _train(*base, *args, "--config", str(objective), "--force")
+    assert code == 0, output
+    changed = load_pretrained(run / "last").config
+    assert (changed.diffusion.own_start, changed.diffusion.second_sigma, changed.sampling.sampler) == (
+        0.5, 0.5, "euler")
+    assert replace(changed, diffusion=initial.config.diffusion, sampling=initial.config.sampling) == initial.config
     elsewhere = [str(tmp_path / "new") if a == str(run) else a for a in base]
     code, output = _train(*elsewhere, "--init", tmp_path / "nothing", *args[2:])
     assert code == 2 and "nothing" in output and not (tmp_path / "new").exists(), output

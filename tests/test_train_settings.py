@@ -54,6 +54,7 @@ def test_flags_override_the_config_file_which_overrides_defaults(tmp_path: Path)
         ('{"zoom": -0.1}', "--zoom -0.1 must be in [0, 1)"),
         ('{"init": "brain-small", "levels": 2}', "--levels cannot be used with --init"),
         ('{"init": "brain-small", "size": "tiny", "cgr_pixel": 0}', "--size, --cgr-pixel cannot be used"),
+        ('{"init": "brain-small", "model": {"depth": 4, "diffusion": {}}}', "model fields but diffusion, sampling"),
     ],
 )
 def test_bad_config_files(tmp_path: Path, content: str, message: str) -> None:

@@ -45,7 +45,8 @@ def training_loss(
 
     Per level l the target is the area-downsampled ground truth; level l > 0 is conditioned on the downsampled
     ground truth of level l - 1, noise-augmented and upsampled (``DiffusionConfig.coarse_noise``), or for an
-    ``own_coarse`` share of the samples on the model's own cascade (:func:`with_own_coarse`). The EDM
+    ``own_coarse`` share of the samples on the model's own cascade (:func:`with_own_coarse`); an ``own_start``
+    share is noised around the model's own first evaluation (:func:`with_own_start`). The EDM
     loss ``lambda(sigma) * |D - y|^2`` is computed in F-space (``|F - (y - c_skip x) / c_out|^2``, the same
     value with better conditioning) on the pixels of kept tokens; masked tokens add ``mae_weight`` times the
     same error; the decisive samples (``p_sigma_max``) add the ``anchor_l1`` / ``anchor_ssim`` terms.
@@ -74,6 +75,8 @@ def training_loss(
         coarses = with_own_coarse(coarses, model, sources, src_mod, tgt_mod, generator)
     keeps = token_masks(target.shape[0], cfg, mask_ratio, device=target.device, generator=generator)
     noised = [noised_target(targets[level], level, cfg, generator) for level in range(cfg.levels)]
+    if cfg.diffusion.own_start > 0:
+        noised = with_own_start(noised, model, sources, coarses, src_mod, tgt_mod, generator)
     outs, feats = model.forward_levels([n.input for n in noised], [n.label for n in noised], sources, coarses,
                                        src_mod, tgt_mod, levels=list(range(cfg.levels)), keeps=keeps)
     denoise, mae, denoised, logs = denoising_losses(outs, noised, targets, keeps, cfg)
@@ -120,14 +123,13 @@ def with_own_coarse(coarses: list[Tensor | None], model: nn.Module, sources: lis
         The same list with the chosen samples' conditions (the same samples at every level) replaced.
     """
     cfg = model.config
-    d, s = cfg.diffusion, cfg.sampling
+    d = cfg.diffusion
     batch, device = src_mod.shape[0], src_mod.device
     own = (torch.rand(batch, device=device, generator=generator) < d.own_coarse).reshape(-1, 1, 1, 1)
     mixed: list[Tensor | None] = [None]
     cascade: Tensor | None = None
     for level in range(cfg.levels - 1):
-        side = cfg.level_size(level)
-        start = d.refine_sigma if level and d.refine_sigma > 0 else s.sigma_max
+        side, start = cfg.level_size(level), cfg.start_sigma(level)
         x = start * torch.randn(batch, 1, side, side, device=device, generator=generator)
         if level and d.refine_sigma > 0:  # SDEdit: the sampler starts this level from the coarser sample
             x = x + cascade
@@ -169,9 +171,8 @@ def noised_target(target: Tensor, level: int, cfg: ModelConfig, generator: torch
     from the coarser sample (SDEdit)."""
     d = cfg.diffusion
     sigma = sample_sigma(target.shape[0], d.p_mean, d.p_std, device=target.device, generator=generator)
-    start = cfg.sampling.sigma_max
-    if level > 0 and d.refine_sigma > 0:  # a finer level starting to sample there never sees more
-        start = d.refine_sigma
+    start = cfg.start_sigma(level)
+    if start < cfg.sampling.sigma_max:  # a finer level starting to sample there never sees more
         sigma = sigma.clamp(max=start)
     top = torch.zeros_like(sigma, dtype=torch.bool)
     if d.p_sigma_max > 0:
@@ -180,6 +181,43 @@ def noised_target(target: Tensor, level: int, cfg: ModelConfig, generator: torch
     c_skip, c_out, c_in, c_noise = precondition(sigma, d.sigma_data)
     x = target + sigma.reshape(-1, 1, 1, 1) * torch.randn(target.shape, device=target.device, generator=generator)
     return NoisedTarget(x, c_skip, c_out, c_in * x, c_noise, top.float())
+
+
+@torch.no_grad()
+def with_own_start(noised: list[NoisedTarget], model: nn.Module, sources: list[Tensor], coarses: list[Tensor | None],
+                   src_mod: Tensor, tgt_mod: Tensor, generator: torch.Generator | None) -> list[NoisedTarget]:
+    """Re-noise an ``own_start`` share of the samples as the sampler's later evaluations see them: at every
+    level, the model's own first evaluation D from pure noise ``x0`` at the level's starting sigma (unmasked, no
+    gradients, on the sample's sources and coarse condition), moved by the Euler step to ``second_sigma``:
+    ``D + second_sigma / start * (x0 - D)``, the sampler's second evaluation, marked decisive. Only there: D's
+    error (~0.2) is far above a smaller sigma, and the preconditioned target ``(y - c_skip x) / c_out`` of such
+    an input grows as 1 / sigma (a first try with log-normal sigmas clipped to ``second_sigma`` had losses ~10).
+
+    Args:
+        noised: per level, :func:`noised_target`'s draws for the whole batch.
+        sources, coarses: per level, the (B, S, 2k+1, h, w) sources and (B, 1, h, w) coarse conditions (None at
+            level 0) of the training step.
+
+    Returns:
+        ``noised`` with the chosen samples (the same at every level) replaced.
+    """
+    cfg = model.config
+    d, batch, device = cfg.diffusion, src_mod.shape[0], src_mod.device
+    own = torch.rand(batch, device=device, generator=generator) < d.own_start
+    sigma = torch.full((batch,), d.second_sigma, device=device)
+    c_skip, c_out, c_in, c_noise = precondition(sigma, d.sigma_data)
+    pick, mixed = own.reshape(-1, 1, 1, 1), []
+    for level, n in enumerate(noised):
+        start = cfg.start_sigma(level)
+        x0 = start * torch.randn(n.x.shape, device=device, generator=generator)
+        first = denoise(model, x0, torch.full((batch,), start, device=device), sources[level], coarses[level],
+                        src_mod, tgt_mod, level=level)
+        x = first + sigma.reshape(-1, 1, 1, 1) / start * (x0 - first)
+        mixed.append(NoisedTarget(torch.where(pick, x, n.x), torch.where(pick, c_skip, n.c_skip),
+                                  torch.where(pick, c_out, n.c_out), torch.where(pick, c_in * x, n.input),
+                                  torch.where(own, c_noise, n.label),
+                                  torch.where(own, 1.0, n.decisive)))
+    return mixed
 
 
 def denoising_losses(outs: list[Tensor], noised: list[NoisedTarget], targets: list[Tensor],

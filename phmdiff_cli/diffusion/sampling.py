@@ -6,12 +6,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from phmdiff_cli.config import ModelConfig
 from phmdiff_cli.diffusion.edm import denoise
 from phmdiff_cli.diffusion.losses import check_batch
 from phmdiff_cli.diffusion.pyramid import image_pyramid, upsample
 from phmdiff_cli.diffusion.schedulers import EDMScheduler
 
-__all__ = ["sample", "solve_level"]
+__all__ = ["sample", "solve_level", "level_scheduler"]
+
+
+def level_scheduler(cfg: ModelConfig, level: int, solver: str | None = None) -> EDMScheduler:
+    """The ODE solver of one pyramid level as the model samples it: from the level's starting sigma
+    (:meth:`~phmdiff_cli.config.ModelConfig.start_sigma`), with its ``second_sigma``; ``solver`` defaults to
+    ``config.sampling.sampler``."""
+    s = cfg.sampling
+    return EDMScheduler(solver or s.sampler, s.sigma_min, cfg.start_sigma(level), s.rho,
+                        second_sigma=cfg.diffusion.second_sigma)
 
 
 def _initial_noise(shape: tuple[int, ...], batch: int, samples: int, shared: torch.Generator | None,
@@ -91,9 +101,8 @@ def sample(
     sources = image_pyramid(source.repeat(repeat), cfg.levels)
     src_mod, tgt_mod = src_mod.repeat(samples, 1), tgt_mod.repeat(samples)
 
-    solver, sampling, refine = sampler or cfg.sampling.sampler, cfg.sampling, cfg.diffusion.refine_sigma
-    schedulers = [EDMScheduler(solver, sampling.sigma_min, refine if level and refine else sampling.sigma_max,
-                               sampling.rho) for level in range(cfg.levels)]
+    refine = cfg.diffusion.refine_sigma
+    schedulers = [level_scheduler(cfg, level, sampler) for level in range(cfg.levels)]
     coarse: Tensor | None = None
     for level, scheduler in enumerate(schedulers):
         scheduler.set_timesteps(steps_per_level[level])

@@ -29,14 +29,18 @@ class EDMScheduler:
     Args:
         solver: ``"heun"`` or ``"euler"``.
         sigma_min, sigma_max, rho: the schedule (:func:`~phmdiff_cli.diffusion.edm.karras_sigmas`).
+        second_sigma: 0, or the second noise level of every schedule of two or more steps: sigma_max, then the
+            Karras schedule of the remaining steps from ``second_sigma`` down
+            (:attr:`~phmdiff_cli.config.DiffusionConfig.second_sigma`).
     """
 
     def __init__(self, solver: str = "heun", sigma_min: float = 0.002, sigma_max: float = 20.0,
-                 rho: float = 7.0) -> None:
+                 rho: float = 7.0, second_sigma: float = 0.0) -> None:
         if solver not in SAMPLERS:
             raise ValueError(f"unknown solver {solver!r}: use one of {', '.join(SAMPLERS)}")
         self.solver = solver
         self.sigma_min, self.sigma_max, self.rho = sigma_min, sigma_max, rho
+        self.second_sigma = second_sigma
         self.sigmas: list[float] = []
         self.timesteps: list[float] = []
 
@@ -52,7 +56,11 @@ class EDMScheduler:
     def set_timesteps(self, num_inference_steps: int) -> None:
         """Build the schedule: ``sigmas`` (N + 1 levels ending at 0) and ``timesteps``, the noise level of
         each denoiser evaluation in order (Heun: 2N - 1 entries)."""
-        self.sigmas = karras_sigmas(num_inference_steps, self.sigma_min, self.sigma_max, self.rho)
+        if 0 < self.second_sigma < self.sigma_max and num_inference_steps > 1:
+            rest = karras_sigmas(num_inference_steps - 1, self.sigma_min, self.second_sigma, self.rho)
+            self.sigmas = [self.sigma_max, *rest]
+        else:
+            self.sigmas = karras_sigmas(num_inference_steps, self.sigma_min, self.sigma_max, self.rho)
         self.timesteps = []
         for i in range(num_inference_steps):
             self.timesteps.append(self.sigmas[i])

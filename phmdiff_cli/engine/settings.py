@@ -57,6 +57,9 @@ FP16_GRAD_CLIP = 1.0
 #: Settings that shape the network and its grid: with ``init`` they are the initial model's.
 _MODEL_KEYS = ("size", "spacing", "levels", "mask_ratio", "cgr_pixel", "cgr_structure", "cgr_feature", "context",
                "source_norm", "model")
+#: ``model`` fields that set the training objective and default sampler, not the network: a run from ``init`` may
+#: change them (e.g. a regression-trained model fine-tuned on its own first evaluations).
+OBJECTIVE_KEYS = ("diffusion", "sampling")
 
 
 @dataclass
@@ -72,11 +75,13 @@ class TrainSettings:
         jitter; with it, rotate (degrees) and zoom (fraction): random in-plane pose.
     Model:
         init: start from this model's weights (a ``--model`` spec); its config is kept, so the model settings
-        below must be left at their defaults. size: ``tiny``, ``small``, ``base``, ``large``. spacing: model
-        grid spacing, mm (None: the largest in-plane field of view of the data over the image size). levels:
-        pyramid levels. mask_ratio: fraction of tokens masked at every level. cgr_pixel, cgr_structure,
-        cgr_feature: CGR weights. context: 2.5D neighbours on each side. source_norm: ``percentile`` or
-        ``rank`` MRI sources (None: the size's). model: further ``ModelConfig`` fields (e.g. ``{"depth": 4}``).
+        below must be left at their defaults, except ``model``'s ``diffusion`` and ``sampling`` fields (the
+        training objective and default sampler), which change the initial model's. size: ``tiny``,
+        ``small``, ``base``, ``large``. spacing: model grid spacing, mm (None: the largest in-plane field of
+        view of the data over the image size). levels: pyramid levels. mask_ratio: fraction of tokens masked
+        at every level. cgr_pixel, cgr_structure, cgr_feature: CGR weights. context: 2.5D neighbours on each
+        side. source_norm: ``percentile`` or ``rank`` MRI sources (None: the size's). model: further
+        ``ModelConfig`` fields (e.g. ``{"depth": 4}``).
     Optimisation:
         batch_size: slices per step and process. lr, weight_decay: AdamW. warmup_steps: linear LR warm-up
         (None: min(500, max_steps / 10)), then constant. lr_cooldown: the last fraction of the budget decays
@@ -235,10 +240,12 @@ class TrainSettings:
         if not 0.0 <= self.zoom < 1.0:
             raise _bad("zoom", self.zoom, "must be in [0, 1)")
         defaults = TrainSettings()
-        kept = [name for name in _MODEL_KEYS if getattr(self, name) != getattr(defaults, name)]
+        kept = [name for name in _MODEL_KEYS if getattr(self, name) != getattr(defaults, name)
+                and not (name == "model" and set(self.model) <= set(OBJECTIVE_KEYS))]
         if self.init is not None and kept:
             raise InputError(
-                f"{', '.join(_flag(k) for k in kept)} cannot be used with --init",
+                f"{', '.join(_flag(k) if k != 'model' else 'model fields but diffusion, sampling' for k in kept)}"
+                " cannot be used with --init",
                 hint=f"the architecture and grid are those of {self.init}",
             )
 
@@ -404,8 +411,17 @@ def build_model_config(settings: TrainSettings, *, sources: int) -> ModelConfig:
         data["context"] = settings.context
     if settings.source_norm is not None:
         data["source_norm"] = settings.source_norm
-    for key, value in settings.model.items():
+    config = with_model_overrides(ModelConfig.from_dict(data), settings.model)
+    return config if settings.spacing is None else replace(config, spacing_mm=float(settings.spacing))
+
+
+def with_model_overrides(config: ModelConfig, overrides: dict[str, Any]) -> ModelConfig:
+    """``config`` with ``ModelConfig`` fields replaced (nested ``diffusion`` / ``sampling`` dicts field by field).
+
+    Raises:
+        InputError: unknown fields or an invalid result.
+    """
+    data = config.to_dict()
+    for key, value in overrides.items():
         data[key] = {**data[key], **value} if isinstance(data.get(key), dict) else value
-    if settings.spacing is not None:
-        data["spacing_mm"] = float(settings.spacing)
     return ModelConfig.from_dict(data)

@@ -52,7 +52,7 @@ from phmdiff_cli.engine.ema import EMA
 from phmdiff_cli.engine.pretrained import Pretrained, build_card, load_pretrained
 from phmdiff_cli.engine.progress import Reporter
 from phmdiff_cli.engine.run_folder import RunFolder
-from phmdiff_cli.engine.settings import TrainSettings, auto_spacing, build_model_config
+from phmdiff_cli.engine.settings import TrainSettings, auto_spacing, build_model_config, with_model_overrides
 from phmdiff_cli.engine.train_data import TrainData, load_data, slice_dataset, training_domain
 from phmdiff_cli.engine.validation import Validation, fixed_subset, validate, write_preview
 from phmdiff_cli.errors import EXIT_INTERNAL, InputError, PhmdiffError
@@ -615,8 +615,9 @@ def _describe(trainer: Trainer) -> str:
 
 
 def run_model_config(settings: TrainSettings, data: TrainData, initial: Pretrained | None = None) -> ModelConfig:
-    """The model configuration of a new run: the ``--init`` model's, else the settings' with the grid spacing
-    fitted to the data unless given.
+    """The model configuration of a new run: the ``--init`` model's (with the settings' training objective and
+    sampler overrides, ``model.diffusion`` / ``model.sampling``), else the settings' with the grid spacing fitted
+    to the data unless given.
 
     Raises:
         InputError: a pair has more sources than the initial model takes.
@@ -628,7 +629,7 @@ def run_model_config(settings: TrainSettings, data: TrainData, initial: Pretrain
                 f"a pair has {sources} sources; the --init model takes at most {initial.config.max_sources}",
                 path=initial.path,
             )
-        return initial.config
+        return with_model_overrides(initial.config, settings.model)
     config = build_model_config(settings, sources=sources)
     if settings.spacing is None:
         modalities = {m for p in data.pairs for m in (*p.sources, p.target)}
