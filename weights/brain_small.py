@@ -1,13 +1,15 @@
-"""How the shipped ``brain-small`` model is made: the training commands, and the copy of the run's last model
-into ``weights/brain-small`` with a card that names the training data's licences.
+"""How the shipped ``brain-small`` model and its successor ``brain-sharp`` are made: the training commands, and the
+copy of a run's last model into ``weights/<name>`` with a card that names the training data's licences.
 
     python weights/brain_small.py train    # ~70 min on 2 CPU cores (--minutes 70), from the repository root
     python weights/brain_small.py extend   # resume it to step 5000 (~50 min here)
     python weights/brain_small.py tune     # fine-tune step 5000 with pose augmentation (~30 min here)
-    python weights/brain_small.py ship [RUN]   # RUN/last -> weights/brain-small (default runs/brain-small-tune)
+    python weights/brain_small.py ship [RUN [NAME]]   # RUN/last -> weights/NAME (default runs/brain-small-tune,
+                                                      # brain-small)
     python weights/brain_small.py all      # one run on every subject of weights/brain_data.json (~180 min)
     python weights/brain_small.py all-tune # the shipped model fine-tuned on every subject (~95 min here)
     python weights/brain_small.py sharp    # the successor's engine on every subject, from scratch (75 min)
+    python weights/brain_small.py sharp-extend  # resume it to 200 minutes, the LR decaying over the last 30
 
 The validation subject, TCGA-DU-7294, is held out from training; it is also the example image in
 ``examples/`` (its T1), so the quickstart synthesizes a T2 the model has never seen.
@@ -74,7 +76,8 @@ ALL_TUNE = [
 #: two pairs it beat the regression UNet on T1 -> T2, where the diffusion objective's other noise levels halved
 #: what the same network learned; benchmarks/README.md), at the UNet's LR 5e-4, on every subject and pair of
 #: weights/brain_data.json. Its config is that file plus ``SHARP_MODEL`` (written to ``runs/brain-sharp.json``).
-#: A later session continues it with ``--resume --out runs/brain-sharp --minutes N`` (N the new total).
+#: ``sharp-extend`` resumed it (92 minutes had run) to a 200-minute total, the LR decaying linearly to 0 over the
+#: last 15 % (30 minutes); a later session goes on with ``--resume --minutes N --lr-cooldown F`` (N the new total).
 SHARP_MODEL = {"diffusion": {"p_sigma_max": 1.0}, "sampling": {"sampler": "euler", "steps": [1]}}
 SHARP = [
     "phmdiff", "train", "--config", "runs/brain-sharp.json", "--size", "small", "--levels", "1",
@@ -89,6 +92,8 @@ STAGES = {
     "all": ALL,
     "all-tune": ALL_TUNE,
     "sharp": SHARP,
+    "sharp-extend": ["phmdiff", "train", "--resume", "--out", "runs/brain-sharp", "--minutes", "200",
+                     "--lr-cooldown", "0.15", "--checkpoint-minutes", "10"],
 }
 #: Stages whose ``--config`` is the data protocol plus model settings, written before they run.
 STAGE_CONFIGS = {"sharp": (ROOT / "runs" / "brain-sharp.json", SHARP_MODEL)}
@@ -109,19 +114,32 @@ RECIPES = {
     "brain-small-tune": "python weights/brain_small.py train, extend, then tune",
     "brain-all-tune": "python weights/brain_small.py train, extend, tune, then all-tune (every training subject of "
                       "weights/brain_data.json)",
+    "brain-sharp": "python weights/brain_small.py sharp, then sharp-extend (every training subject of "
+                   "weights/brain_data.json, 200 minutes)",
 }
 
 
-#: What the card tells people the model is for, and what it was not made for.
+INTENDED_USE = ("research and demonstration: synthesizing a missing brain MRI contrast (T2, FLAIR, T1c) from the "
+                "others on CPU; not for diagnosis")
+TRAINED_ON = ("trained on eight skull-stripped adult brains (gliomas, a metastasis, multiple sclerosis; BraTS and MNI "
+              "preprocessing, 1 mm isotropic; four of them T1c and FLAIR only); not trained on heads with skull, "
+              "thick or anisotropic slices, children, CT or other organs (synthesize warns about such inputs)")
+NON_COMMERCIAL = "trained partly on CC BY-NC-SA data: non-commercial use"
+#: What each model's card tells people it is for, and what it was not made for.
 CARD_NOTES = {
-    "intended_use": "research and demonstration: synthesizing a missing brain MRI contrast (T2, FLAIR, T1c) from "
-                    "the others on CPU; not for diagnosis",
-    "limitations": "trained on eight skull-stripped adult brains (gliomas, a metastasis, multiple sclerosis; BraTS "
-                   "and MNI preprocessing, 1 mm isotropic; four of them T1c and FLAIR only); not trained on heads "
-                   "with skull, thick or anisotropic slices, children, CT or other organs (synthesize warns about "
-                   "such inputs); blurred (sharpness about 0.5-0.7) and below a histogram-matched source on SSIM "
-                   "for T1 -> T2 and on PSNR for T1c -> FLAIR on brains from other sources (benchmarks/README.md); "
-                   "trained partly on CC BY-NC-SA data: non-commercial use",
+    "brain-small": {
+        "intended_use": INTENDED_USE,
+        "limitations": f"{TRAINED_ON}; blurred (sharpness about 0.5-0.7) and below a histogram-matched source on "
+                       "SSIM for T1 -> T2 and on PSNR for T1c -> FLAIR on brains from other sources "
+                       f"(benchmarks/README.md); {NON_COMMERCIAL}",
+    },
+    "brain-sharp": {
+        "intended_use": f"{INTENDED_USE}; the successor of brain-small in training (issue 'Sharp synthesis'): one "
+                        "evaluation, sharper and higher SSIM than brain-small, lower T1 -> T2 PSNR",
+        "limitations": f"{TRAINED_ON}; a one-evaluation regression (sharpness about 0.5-0.9), below a "
+                       "histogram-matched source on T1 -> T2 on one of two validation brains and on T1c -> FLAIR "
+                       f"PSNR on three of four (benchmarks/README.md); {NON_COMMERCIAL}",
+    },
 }
 
 
@@ -137,10 +155,10 @@ def input_domain(card: dict) -> dict:
     return training_domain(load_data(settings, split={**subjects, "rule": subjects["split"]}))
 
 
-def ship(run: Path) -> Path:
-    """Copy the run's last (EMA) model here, its matrices and kernels as int8 with a float32 scale per row and
-    the rest as float16 (a quarter of the size; loaded back as float32); the card's data root becomes the
-    relative path trained from. ``last/``, not ``best/``: best is picked on the validation
+def ship(run: Path, name: str = "brain-small") -> Path:
+    """Copy the run's last (EMA) model to ``weights/<name>``, its matrices and kernels as int8 with a float32
+    scale per row and the rest as float16 (a quarter of the size; loaded back as float32); the card's data root
+    becomes the relative path trained from. ``last/``, not ``best/``: best is picked on the validation
     subject, whose scores the card then reports, so choosing by them would flatter the model."""
     state, card = load_model(run / "last")
     state = {name: t.half() if t.is_floating_point() and not name.endswith(INT8_SCALE) else t
@@ -151,8 +169,8 @@ def ship(run: Path) -> Path:
     training["licences"] = {sid: LICENCES[sid] for sid in (*subjects["train"], *subjects["val"])}
     training["recipe"] = RECIPES[run.name]
     training["stored_dtype"] = "int8 per row (matrices, kernels), float16 (the rest)"
-    card = {**card, "training": training, "input_domain": input_domain(card), **CARD_NOTES}
-    return save_model(ROOT / "weights" / "brain-small", state, card, force=True)
+    card = {**card, "training": training, "input_domain": input_domain(card), **CARD_NOTES[name]}
+    return save_model(ROOT / "weights" / name, state, card, force=True)
 
 
 def main() -> None:
@@ -164,9 +182,9 @@ def main() -> None:
     if action in STAGES:
         sys.exit(subprocess.run(STAGES[action], cwd=ROOT).returncode)  # phmdiff's own message, no traceback
     elif action == "ship":
-        print(ship(Path(sys.argv[2]) if len(sys.argv) > 2 else TUNED))
+        print(ship(Path(sys.argv[2]) if len(sys.argv) > 2 else TUNED, *sys.argv[3:4]))
     else:
-        sys.exit(f"usage: python {Path(__file__).name} {' | '.join(STAGES)} | ship [RUN]")
+        sys.exit(f"usage: python {Path(__file__).name} {' | '.join(STAGES)} | ship [RUN [NAME]]")
 
 
 if __name__ == "__main__":
