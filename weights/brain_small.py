@@ -161,8 +161,8 @@ def ship(run: Path, name: str = "brain-small") -> Path:
     becomes the relative path trained from. ``last/``, not ``best/``: best is picked on the validation
     subject, whose scores the card then reports, so choosing by them would flatter the model."""
     state, card = load_model(run / "last")
-    state = {name: t.half() if t.is_floating_point() and not name.endswith(INT8_SCALE) else t
-             for name, t in quantize_int8(state).items()}
+    state = {key: t.half() if t.is_floating_point() and not key.endswith(INT8_SCALE) else t
+             for key, t in quantize_int8(state).items()}
     training = dict(card["training"])
     training["data"] = {**training["data"], "root": DATA}
     subjects = training["subjects"]
@@ -181,10 +181,10 @@ def main() -> None:
         path.write_text(json.dumps({**json.loads((ROOT / "weights" / "brain_data.json").read_text()), "model": model}))
     if action in STAGES:
         sys.exit(subprocess.run(STAGES[action], cwd=ROOT).returncode)  # phmdiff's own message, no traceback
-    elif action == "ship":
+    elif action == "ship" and (len(sys.argv) < 4 or sys.argv[3] in CARD_NOTES):
         print(ship(Path(sys.argv[2]) if len(sys.argv) > 2 else TUNED, *sys.argv[3:4]))
     else:
-        sys.exit(f"usage: python {Path(__file__).name} {' | '.join(STAGES)} | ship [RUN [NAME]]")
+        sys.exit(f"usage: python {Path(__file__).name} {' | '.join(STAGES)} | ship [RUN [{' | '.join(CARD_NOTES)}]]")
 
 
 if __name__ == "__main__":
