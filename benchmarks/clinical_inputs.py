@@ -22,6 +22,7 @@ few millimetres, not the brain's folds, so it keeps some CSF and, where the skul
 volume per subject is in the results (the training brains had 1016-1679 mL).
 
     python benchmarks/clinical_inputs.py      # ~10 min on 2 CPU cores; writes results/clinical_inputs.json
+    python benchmarks/clinical_inputs.py --contrast off --out /tmp/off.json --figure /tmp/off.png   # uncalibrated
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from engine_speed import DATA, ROOT, cpu_model
 from scipy import ndimage
 
 from phmdiff_cli.data.normalize import IntensityParams, foreground_mask, unit_scale
+from phmdiff_cli.engine.hub import DEFAULT_MODEL
 from phmdiff_cli.engine.synthesizer import SynthesisSettings, Synthesizer
 from phmdiff_cli.engine.validation import write_preview
 from phmdiff_cli.io import Volume, read_volume
@@ -126,12 +128,12 @@ def run_subject(subject: str, synth: Synthesizer, figure_rows: list[Any]) -> dic
                            "warnings": [], "targets": {}}
     for target, name in TARGETS.items():
         real = onto(sitk.ReadImage(str(folder / f"{name}.nii.gz")), flair, to_flair[name])
-        arms = {}
+        arms, gammas = {}, {}
         for arm, mask in (("raw", None), ("brain-mask", mask_volume)):
             result = synth.run([source], target, mask=mask)
             out["warnings"] = sorted({*out["warnings"], *result.warnings})
-            arms[arm] = onto(result.image.to_sitk(), flair, to_flair["T1W"])
-        rows: dict[str, Any] = {}
+            arms[arm], gammas[arm] = onto(result.image.to_sitk(), flair, to_flair["T1W"]), result.contrast_gamma
+        rows: dict[str, Any] = {"contrast_gamma": gammas}  # None: the calibration was off or skipped
         for region, mask in masks.items():
             found = {arm: scores(pred, real, mask) for arm, pred in arms.items()}
             found["hist-matched"] = scores(hist_matched(t1_on_flair, real, mask, target in INVERTED), real, mask)
@@ -154,12 +156,15 @@ def to_model_range_2d(tile: np.ndarray) -> np.ndarray:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=str(ROOT / "weights" / "brain-small"))
+    parser.add_argument("--model", default=str(ROOT / "weights" / DEFAULT_MODEL))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "clinical_inputs.json")
     parser.add_argument("--figure", type=Path, default=ROOT / "examples" / "clinical_raw_t2.png")
+    parser.add_argument("--contrast", choices=("model", "on", "off"), default="model",
+                        help="contrast calibration (synthesize --contrast): the model's default, on or off")
     args = parser.parse_args()
     info, device, dtype, pretrained = cpu_model(args.model)
-    synth = Synthesizer(pretrained, device, dtype, SynthesisSettings())
+    contrast = {"model": None, "on": True, "off": False}[args.contrast]
+    synth = Synthesizer(pretrained, device, dtype, SynthesisSettings(contrast=contrast))
     figure: list[Any] = []
     results = {subject: run_subject(subject, synth, figure) for subject in SUBJECTS}
     means = {target: {region: {arm: {m: round(float(np.mean([results[s]["targets"][target][region][arm][m]
@@ -167,7 +172,7 @@ def main() -> None:
                                for arm in ("raw", "brain-mask", "hist-matched")} for region in ("brain", "head")}
              for target in TARGETS}
     report = {"machine": info, "model": args.model, "weights_sha256": pretrained.card.get("sha256"),
-              "subjects": results, "mean": means}
+              "contrast": args.contrast, "subjects": results, "mean": means}
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     write_preview(args.figure, [(label, *(to_model_range_2d(t) for t in tiles)) for label, *tiles in figure])
     print("| target | region | raw | --brain-mask | hist-matched (oracle) |")

@@ -58,6 +58,7 @@ from phmdiff_cli.engine.device import (
     grad_scaler,
     resolve_precision,
 )
+from phmdiff_cli.engine.hub import DEFAULT_MODEL
 from phmdiff_cli.engine.pretrained import load_pretrained
 from phmdiff_cli.engine.trainer import optimizer_step
 from phmdiff_cli.io import read_volume
@@ -288,7 +289,7 @@ def check_workers(args: argparse.Namespace, dataset: SliceDataset) -> dict[str, 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--model", default=str(ROOT / "weights" / "brain-small"))
+    parser.add_argument("--model", default=str(ROOT / "weights" / DEFAULT_MODEL))
     args = parser.parse_args()
     args.cuda = torch.cuda.is_available()
     args.device = torch.device("cuda" if args.cuda else "cpu")

@@ -39,12 +39,14 @@ Methods (``--only`` picks some):
   foreground histogram of the same subject (an oracle histogram a user does not have: a strong bar).
 - ``--shipped PATH`` adds an already-trained model, with its own budget.
 
-PHMDiff models sample with their config's default steps (``--steps`` overrides) from ``last/``. Networks run
+PHMDiff models sample with their config's default steps (``--steps`` overrides) from ``last/``, and calibrate an
+MRI volume's contrast as ``phmdiff synthesize`` does where their config says so (``--contrast`` overrides). Networks run
 under ``--precision auto``'s autocast, as ``phmdiff synthesize`` does. Single seed, one run each.
 
     pip install -e ".[bench]"     # monai-ddim's MONAI DiffusionModelUNet imports einops
     python benchmarks/quality.py --only hist-matched,regression-unet --minutes 30 --shipped weights/brain-small
     python benchmarks/quality.py --only phmdiff --minutes 30 --update     # one more row, the others kept
+    python benchmarks/quality.py --only '' --shipped weights/brain-sharp --pairs t1n:t2f,t2w:t2f --contrast off
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ from engine_speed import ROOT, machine
 from phmdiff_cli.cli.common import parse_steps
 from phmdiff_cli.data.slices import Pair, SliceDataset, parse_pairs
 from phmdiff_cli.diffusion import sample
+from phmdiff_cli.engine.contrast import calibrate_model_range, source_foreground
 from phmdiff_cli.engine.device import autocast, resolve_precision
 from phmdiff_cli.engine.pretrained import load_pretrained
 from phmdiff_cli.engine.settings import load_settings
@@ -247,8 +250,25 @@ def phmdiff_method(name: str, model: Path, args: argparse.Namespace, budget_min:
     budget = budget_min if budget_min is not None else round(elapsed / 60, 1)
     steps = training.get("total_steps", training["steps"])
     evaluated = ",".join(p for p in EVAL_PAIRS.split(",") if parse_pairs(p)[0] in pre.pairs)
-    return Method(name, by_slices(predict, args.eval_batch, args.dtype), evaluated, budget, steps,
-                  params_of(pre.model), evals, settings, note)
+    predict_volume = by_slices(predict, args.eval_batch, args.dtype)
+    if {"model": cfg.sampling.contrast, "on": True, "off": False}[args.contrast]:
+        predict_volume, settings["contrast"] = calibrated(predict_volume, pre.card["contrast"]), True
+    return Method(name, predict_volume, evaluated, budget, steps, params_of(pre.model), evals, settings, note)
+
+
+def calibrated(predict_volume: PredictVolume, reference: dict[str, float]) -> PredictVolume:
+    """``predict_volume`` with ``phmdiff synthesize``'s contrast calibration of an MRI target (the sources'
+    foreground, the card's ``reference`` ratio)."""
+
+    def predict_calibrated(dataset: SliceDataset, item: int) -> np.ndarray:
+        subject, pair = dataset.items[item]
+        pred = predict_volume(dataset, item)
+        if pair.target not in reference:
+            return pred
+        sources = [np.asarray(dataset.array(subject, m), dtype=np.float32) for m in pair.sources]
+        return calibrate_model_range(pred, None, source_foreground(sources, pair.sources), reference[pair.target])[0]
+
+    return predict_calibrated
 
 
 def train_command(name: str, args: argparse.Namespace) -> list[str]:
@@ -374,6 +394,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shipped", type=Path, default=None, help="also score this trained model (--model)")
     parser.add_argument("--steps", type=parse_steps, default=None, help="PHMDiff sampler steps, one number for "
                         "every level or one per level (6,4,4); default: each model's config")
+    parser.add_argument("--pairs", default=EVAL_PAIRS, help=f"evaluated pairs (default {EVAL_PAIRS}); others "
+                        "only with --only '' (the --shipped model alone: the baselines and runs serve the default)")
+    parser.add_argument("--contrast", choices=("model", "on", "off"), default="model", help="contrast calibration "
+                        "of PHMDiff volumes (phmdiff synthesize --contrast): each model's default, on or off")
     parser.add_argument("--ddim-steps", type=int, default=20, help="DDIM steps of monai-ddim (default 20)")
     parser.add_argument("--batch", type=lambda t: per_method(t, int), default={},
                         help=f"NAME=N,... batch sizes (default {DEFAULT_BATCH} for all)")
@@ -398,6 +422,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = sorted(set(args.only) - set(ROLES))
     if unknown:
         parser.error(f"unknown method(s) {unknown}; choose from {list(ROLES)}")
+    if args.pairs != EVAL_PAIRS and (args.only or not args.shipped):
+        parser.error("--pairs other than the default needs --only '' and --shipped MODEL")
     args.lr = {**DEFAULT_LR, **args.lr}
     args.cache_dir = (args.cache_dir or args.work / "cache").resolve()
     args.work = args.work.resolve()
@@ -426,7 +452,9 @@ def report_of(previous: dict[str, Any] | None, rows: list[dict[str, Any]], info:
 
 
 def main() -> None:
+    global EVAL_PAIRS  # the script's evaluated pairs; --pairs replaces them for a shipped model alone
     args = parse_args()
+    EVAL_PAIRS = args.pairs
     previous = json.loads(args.out.read_text()) if args.update and args.out.exists() else None
     info = machine()
     print(f"# {info['cpu']}, {info['cores']} cores, {info['threads']} threads, torch {info['torch']}, "

@@ -1,6 +1,6 @@
 """Steps-vs-quality curve of a trained model: PSNR and SSIM on its validation subject against sampler steps.
 
-The model (default: the shipped ``brain-small``) samples the same fixed validation slices (the slices
+The model (default: the shipped default model) samples the same fixed validation slices (the slices
 ``phmdiff train`` validates on, chosen by :func:`~phmdiff_cli.engine.validation.fixed_subset`, the same initial
 noise) with Euler and Heun at 1, 2, 4, 8, 16 and 32 steps per pyramid level (Heun up to 16), plus a few
 per-level settings around 7-13 evaluations per slice (the budget of a 3-minute volume on 2 CPU cores) and the
@@ -28,6 +28,7 @@ import torch
 from engine_speed import ROOT, machine
 
 from phmdiff_cli.data.slices import SliceDataset
+from phmdiff_cli.engine.hub import DEFAULT_MODEL
 from phmdiff_cli.engine.pretrained import Pretrained, load_pretrained
 from phmdiff_cli.engine.settings import TrainSettings
 from phmdiff_cli.engine.train_data import load_data, slice_dataset
@@ -103,7 +104,7 @@ def _per_level(text: str) -> list[tuple[str, tuple[int, ...]]]:
 def model_arguments(parser: argparse.ArgumentParser, results: Path) -> None:
     """The options of a benchmark of one trained model on its validation slices: --model, --data,
     --val-slices, --cache-dir, --out (default ``results``)."""
-    parser.add_argument("--model", default="brain-small", help="any phmdiff --model spec")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="any phmdiff --model spec")
     parser.add_argument("--data", type=Path, help="the training data folder (default: the card's)")
     parser.add_argument("--val-slices", type=int, default=8, help="slices per validation subject and pair")
     parser.add_argument("--cache-dir", type=Path, default=ROOT / "runs" / "cache")

@@ -123,6 +123,10 @@ class SamplingConfig:
         coarse_noise: std of the Gaussian noise added to each level's sample before it conditions the next
             level (cascaded diffusion's conditioning augmentation at inference, Ho et al. 2022): it tells the
             finer level, trained with ``DiffusionConfig.coarse_noise``, how far to trust the coarse sample.
+        contrast: calibrate a synthesized MRI volume's contrast to the training targets' (the card's
+            ``contrast``; :mod:`~phmdiff_cli.engine.contrast`): on for a regression whose bright tail shrinks,
+            off where it did not help (measured per model, benchmarks/README.md). Whole volumes only: training
+            validation, on a few slices, scores the network's output as it is.
     """
 
     sampler: str = "heun"
@@ -131,6 +135,7 @@ class SamplingConfig:
     sigma_max: float = 20.0
     rho: float = 7.0
     coarse_noise: float = 0.0
+    contrast: bool = False
 
 
 @dataclass

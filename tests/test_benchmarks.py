@@ -38,17 +38,53 @@ def test_quality_samples_with_the_sampler_steps_and_reports_the_total_training(
         return (torch.zeros(source.shape[0], 1, *source.shape[-2:]),)
 
     monkeypatch.setattr(quality, "sample", fake_sample)
-    args = argparse.Namespace(steps=None, seed=0, eval_batch=4, dtype=None, val_subjects=["TCGA-DU-7294"])
-    method = quality.phmdiff_method("shipped", SHIPPED_WEIGHTS / DEFAULT_MODEL, args, None)
+    args = argparse.Namespace(steps=None, seed=0, eval_batch=4, dtype=None, val_subjects=["TCGA-DU-7294"],
+                              contrast="model")
+    fine_tuned = SHIPPED_WEIGHTS / "brain-small"  # trained with --init: its card counts both runs
+    method = quality.phmdiff_method("shipped", fine_tuned, args, None)
     volume = method.predict(_Volume(depth=10), 0)  # type: ignore[arg-type]
     assert volume.shape == (10, 8, 8)
-    card = quality.load_pretrained(SHIPPED_WEIGHTS / DEFAULT_MODEL)
+    card = quality.load_pretrained(fine_tuned)
     training = card.card["training"]
     assert calls == [list(card.config.sampling.steps)] * 3  # batches of 4, 4, 2; the card's schedule
     assert method.evals == sum(card.config.sampling.steps)  # Euler: one evaluation per step
     assert method.steps == training["steps"] + training["init"]["steps"]  # the fine-tune and its initial model
     assert method.budget_min == round((training["elapsed_s"] + training["init"]["elapsed_s"]) / 60, 1)
     assert method.pairs == quality.EVAL_PAIRS  # the shipped model serves both evaluated pairs
+
+
+class _Subject(_Volume):
+    """A validation subject with a T1 whose foreground is a gradient of 0.1-1 (model range) over 8x8 slices."""
+
+    def __init__(self, depth: int) -> None:
+        super().__init__(depth)
+        self.items = [(0, quality.Pair(("t1n",), "t2w"))]
+        self.t1 = np.broadcast_to(np.linspace(-0.8, 1.0, 64, dtype=np.float32).reshape(8, 8), (depth, 8, 8))
+
+    def array(self, subject: int, modality: str) -> np.ndarray:
+        return self.t1
+
+
+def test_quality_calibrates_the_default_models_contrast_as_synthesize_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default model's card turns the contrast calibration on: quality.py's volumes then have the card's
+    median-to-99.5th-percentile ratio inside the sources' foreground; ``--contrast off`` leaves them as sampled."""
+
+    def fake_sample(model: object, source: torch.Tensor, *args: object, **kw: object) -> tuple:
+        return (torch.linspace(-0.9, 1.0, 64).reshape(1, 1, 8, 8).expand(source.shape[0], 1, 8, 8),)
+
+    monkeypatch.setattr(quality, "sample", fake_sample)
+    card = quality.load_pretrained(SHIPPED_WEIGHTS / DEFAULT_MODEL).card
+    volumes = {}
+    for mode in ("model", "off"):
+        args = argparse.Namespace(steps=None, seed=0, eval_batch=4, dtype=None, val_subjects=["TCGA-DU-7294"],
+                                  contrast=mode)
+        method = quality.phmdiff_method("shipped", SHIPPED_WEIGHTS / DEFAULT_MODEL, args, None)
+        assert method.settings.get("contrast", False) == (mode == "model")
+        volumes[mode] = (method.predict(_Subject(depth=6), 0) + 1) / 2  # type: ignore[arg-type]
+    raw, calibrated = volumes["off"].ravel(), volumes["model"].ravel()
+    ratio = np.median(calibrated) / np.percentile(calibrated, 99.5)
+    assert ratio == pytest.approx(card["contrast"]["t2w"], abs=1e-3)
+    assert abs(np.median(raw) / np.percentile(raw, 99.5) - ratio) > 0.1
 
 
 def test_quality_trains_phmdiff_runs_on_the_evaluated_pairs_like_the_baselines(tmp_path: Path) -> None:

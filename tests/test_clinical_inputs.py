@@ -15,11 +15,12 @@ from typer.testing import CliRunner
 
 from phmdiff_cli.cli.app import app
 from phmdiff_cli.data.preprocess import resample_onto, thicken_onto, thin_slices
+from phmdiff_cli.engine.hub import DEFAULT_MODEL
 from phmdiff_cli.engine.input_domain import check, measure
 from phmdiff_cli.io import Volume, canonical_grid, read_volume
 
 REPO = Path(__file__).resolve().parents[1]
-DOMAIN = json.loads((REPO / "weights" / "brain-small" / "config.json").read_text())["input_domain"]
+DOMAIN = json.loads((REPO / "weights" / DEFAULT_MODEL / "config.json").read_text())["input_domain"]
 EXAMPLE = REPO / "examples" / "TCGA-DU-7294-t1n.nii.gz"
 SERIES = REPO / "tests" / "data" / "mr_t1_4slices"
 SKULL = "probably not skull-stripped"
@@ -119,7 +120,7 @@ def test_an_empty_brain_mask_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_a_thick_slice_head_is_synthesized_thin_and_put_back_on_its_grid(data_dir: Path, tmp_path: Path) -> None:
     """Six 3 mm slices of a raw clinical T1 (skull on): both warnings in --json, 16 thin slices synthesized, the
-    output on the source's exact grid."""
+    output on the source's exact grid; the default model's contrast calibration skipped, with a note."""
     source = _slab(data_dir / "clinical_raw" / "OMS-raw-p04-study1" / "T1W.nii.gz", tmp_path / "t1.nii.gz", 20, 26)
     out = tmp_path / "t2.nii.gz"
     case = _synthesize("--src", str(source), "--src-modality", "t1", "--target", "t2", "-o", str(out))
@@ -127,6 +128,11 @@ def test_a_thick_slice_head_is_synthesized_thin_and_put_back_on_its_grid(data_di
     assert case["slices"] == 16 and any("resampled to 1 mm" in note for note in case["notes"])
     synthetic = read_volume(out)
     assert synthetic.same_grid(read_volume(source), tol=0) and synthetic.array.max() > 0
+    # the contrast reference holds for brains like the training ones: skipped here, unless asked for
+    assert case["contrast_gamma"] is None and any("contrast calibration skipped" in n for n in case["notes"])
+    forced = _synthesize("--src", str(source), "--src-modality", "t1", "--target", "t2", "-o", str(out), "--force",
+                         "--contrast")
+    assert forced["contrast_gamma"] is not None and not any("contrast" in n for n in forced["notes"])
 
 
 def test_thin_then_thicken_returns_the_thick_grid_and_values(data_dir: Path) -> None:

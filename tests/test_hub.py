@@ -62,7 +62,7 @@ def test_named_models_and_env_priority(shipped: Path, tmp_path: Path,
     assert resolve_model(DEFAULT_MODEL) == shipped / DEFAULT_MODEL
     with pytest.raises(InputError, match="'brain-large' not found") as error:
         resolve_model("brain-large")
-    assert "available: pelvis, brain-small" in (error.value.hint or "")
+    assert f"available: pelvis, {DEFAULT_MODEL}" in (error.value.hint or "")
 
 
 @pytest.mark.parametrize("spec", ["hf://org/brain", "hf://org/brain@v1", f"hf://org/brain@{COMMIT}"])

@@ -1,5 +1,5 @@
-"""The shipped ``brain-small`` model: its card and files, `phmdiff models list`, and `phmdiff synthesize` with it
-on the held-out subject."""
+"""The shipped default model (``brain-sharp``): its card and files, `phmdiff models list`, and `phmdiff synthesize`
+with it on a held-out subject (tests/test_contrast.py scores its whole volume against a histogram bar)."""
 
 from __future__ import annotations
 
@@ -61,11 +61,7 @@ def test_models_list_shows_the_shipped_model() -> None:
 @pytest.mark.slow
 def test_synthesizes_the_held_out_subjects_t2_on_its_grid(brats_dir: Path, tmp_path: Path) -> None:
     """`phmdiff synthesize` with the default model and settings on a block of the held-out subject's T1: a finite
-    T2 on the input grid whose brain is where the real T2's is.
-
-    What it does not assert, because the shipped model does not do it yet (benchmarks/README.md, issue 8): a
-    better PSNR or SSIM than the inverted T1 histogram-matched to a T2 (`benchmarks/quality.py` measures both).
-    """
+    T2 on the input grid whose brain is where the real T2's is."""
     subject = brats_dir / VAL
     t1_path = crop_z(subject / f"{VAL}-t1n.nii.gz", tmp_path / f"{VAL}-t1n.nii.gz", *BLOCK)
     result = run("--src", t1_path, "--target", "t2w", "-o", tmp_path / "t2w.nii.gz", "--quiet")

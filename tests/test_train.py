@@ -121,6 +121,13 @@ def test_run_writes_a_loadable_model(trained: Path) -> None:
     domain = last.card["input_domain"]
     assert domain["images"] == len({p.split(":")[0] for p in PAIRS.split(",")})
     assert 1000 < domain["foreground_ml"][0] <= domain["foreground_ml"][1] < 1700 and domain["slice_mm"] == [1, 1]
+    # the training subject's real targets' median over 99.5th percentile, for synthesize's contrast calibration
+    train_dir = Path(last.card["training"]["data"]["root"]) / split["train"][0]
+    for target in ("t2w", "t2f"):
+        real = nib.load(train_dir / f"{split['train'][0]}-{target}.nii.gz").get_fdata()
+        brain = real[real > 0.01 * np.percentile(real[real > 0], 99)]
+        assert last.card["contrast"][target] == pytest.approx(np.median(brain) / np.percentile(brain, 99.5), abs=1e-4)
+    assert set(last.card["contrast"]) == {"t2w", "t2f"} and not last.model.config.sampling.contrast
     saved = json.loads((trained / "train_config.json").read_text())
     assert saved["settings"]["max_steps"] == 12 and saved["model"]["spacing_mm"] == 3.75
     assert load_training_state(trained / "state").extra["run"]["step"] == 12

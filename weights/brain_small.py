@@ -6,6 +6,7 @@ copy of a run's last model into ``weights/<name>`` with a card that names the tr
     python weights/brain_small.py tune     # fine-tune step 5000 with pose augmentation (~30 min here)
     python weights/brain_small.py ship [RUN [NAME]]   # RUN/last -> weights/NAME (default runs/brain-small-tune,
                                                       # brain-small)
+    python weights/brain_small.py recard NAME         # weights/NAME's card as ship writes it, weights kept
     python weights/brain_small.py all      # one run on every subject of weights/brain_data.json (~180 min)
     python weights/brain_small.py all-tune # the shipped model fine-tuned on every subject (~95 min here)
     python weights/brain_small.py sharp    # the successor's engine on every subject, from scratch (75 min)
@@ -22,9 +23,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from phmdiff_cli.engine.checkpoint import INT8_SCALE, load_model, quantize_int8, save_model
+from phmdiff_cli.engine.checkpoint import CARD_FILE, INT8_SCALE, load_model, quantize_int8, save_model
 from phmdiff_cli.engine.settings import TrainSettings, load_settings
-from phmdiff_cli.engine.train_data import load_data, training_domain
+from phmdiff_cli.engine.train_data import load_data, training_contrast, training_domain
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "runs" / "brain-small"
@@ -134,25 +135,40 @@ CARD_NOTES = {
                        f"(benchmarks/README.md); {NON_COMMERCIAL}",
     },
     "brain-sharp": {
-        "intended_use": f"{INTENDED_USE}; the successor of brain-small in training (issue 'Sharp synthesis'): one "
-                        "evaluation, sharper and higher SSIM than brain-small, lower T1 -> T2 PSNR",
-        "limitations": f"{TRAINED_ON}; a one-evaluation regression (sharpness about 0.5-0.9), below a "
-                       "histogram-matched source on T1 -> T2 on one of two validation brains and on T1c -> FLAIR "
-                       f"PSNR on three of four (benchmarks/README.md); {NON_COMMERCIAL}",
+        "intended_use": f"{INTENDED_USE}; the default model since it replaced brain-small: one network evaluation "
+                        "per slice, the output's contrast calibrated to the training targets' (sampling.contrast)",
+        "limitations": f"{TRAINED_ON}; a regression, smoother than a real scan (sharpness about 0.6-1.2); on the "
+                       "validation brains from other sources below a histogram-matched source (with the real "
+                       "target's histogram) on T1 -> T2 SSIM on one of two and on T1c -> FLAIR PSNR on two of four "
+                       f"(benchmarks/README.md); {NON_COMMERCIAL}",
     },
 }
 
 
-def input_domain(card: dict) -> dict:
-    """The card's ``input_domain``, measured from its training subjects when the card lacks it (cards of runs
-    trained before the trainer measured it)."""
-    if "input_domain" in card:
-        return card["input_domain"]
+#: Models whose output ``phmdiff synthesize`` calibrates in contrast by default (``sampling.contrast``), decided by
+#: measurement per model on the four validation subjects: brain-sharp's PSNR rose on every subject and pair,
+#: brain-small's T1 -> T2 fell (benchmarks/README.md).
+CONTRAST_ON = {"brain-sharp"}
+
+
+def measured(card: dict) -> dict:
+    """The card's ``input_domain`` and ``contrast``, each measured from its training subjects when the card lacks
+    it (cards of runs trained before the trainer measured them)."""
+    if "input_domain" in card and "contrast" in card:
+        return {"input_domain": card["input_domain"], "contrast": card["contrast"]}
     training = card["training"]
     fields = set(TrainSettings.__dataclass_fields__)
     settings = load_settings(None, {k: v for k, v in training["settings"].items() if k in fields and v is not None})
     subjects = training["subjects"]
-    return training_domain(load_data(settings, split={**subjects, "rule": subjects["split"]}))
+    data = load_data(settings, split={**subjects, "rule": subjects["split"]})
+    return {"input_domain": card.get("input_domain") or training_domain(data),
+            "contrast": card.get("contrast") or training_contrast(data)}
+
+
+def card_of(card: dict, name: str) -> dict:
+    """``card`` as ``weights/<name>`` ships it: measured fields, the card notes, the default contrast calibration."""
+    model = {**card["model"], "sampling": {**card["model"]["sampling"], "contrast": name in CONTRAST_ON}}
+    return {**card, "model": model, **measured(card), **CARD_NOTES[name]}
 
 
 def ship(run: Path, name: str = "brain-small") -> Path:
@@ -169,8 +185,18 @@ def ship(run: Path, name: str = "brain-small") -> Path:
     training["licences"] = {sid: LICENCES[sid] for sid in (*subjects["train"], *subjects["val"])}
     training["recipe"] = RECIPES[run.name]
     training["stored_dtype"] = "int8 per row (matrices, kernels), float16 (the rest)"
-    card = {**card, "training": training, "input_domain": input_domain(card), **CARD_NOTES[name]}
-    return save_model(ROOT / "weights" / name, state, card, force=True)
+    return save_model(ROOT / "weights" / name, state, card_of({**card, "training": training}, name), force=True)
+
+
+def recard(name: str) -> Path:
+    """Rewrite ``weights/<name>/config.json`` as :func:`card_of` makes it, the weights (and their sha256) kept:
+    for card changes without the run folder."""
+    path = ROOT / "weights" / name / CARD_FILE
+    card = card_of(json.loads(path.read_text()), name)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
 
 
 def main() -> None:
@@ -183,8 +209,11 @@ def main() -> None:
         sys.exit(subprocess.run(STAGES[action], cwd=ROOT).returncode)  # phmdiff's own message, no traceback
     elif action == "ship" and (len(sys.argv) < 4 or sys.argv[3] in CARD_NOTES):
         print(ship(Path(sys.argv[2]) if len(sys.argv) > 2 else TUNED, *sys.argv[3:4]))
+    elif action == "recard" and len(sys.argv) == 3 and sys.argv[2] in CARD_NOTES:
+        print(recard(sys.argv[2]))
     else:
-        sys.exit(f"usage: python {Path(__file__).name} {' | '.join(STAGES)} | ship [RUN [{' | '.join(CARD_NOTES)}]]")
+        names = " | ".join(CARD_NOTES)
+        sys.exit(f"usage: python {Path(__file__).name} {' | '.join(STAGES)} | ship [RUN [{names}]] | recard {names}")
 
 
 if __name__ == "__main__":

@@ -125,7 +125,8 @@ def _print_card(out: Console, model: str, summary: dict[str, Any], card: dict[st
     out.print(f"[bold]Pairs[/] {_pairs(card['pairs'])}")
     sampling = cfg.get("sampling", {})
     out.print(f"[bold]Grid[/] {_grid(card['grid'])}, {cfg.get('levels', '?')} pyramid levels; sampler "
-              f"{sampling.get('sampler', '?')} {','.join(map(str, sampling.get('steps', [])))} steps per level")
+              f"{sampling.get('sampler', '?')} {','.join(map(str, sampling.get('steps', [])))} steps per level"
+              + ("; MRI contrast calibrated to the training targets'" if sampling.get("contrast") else ""))
     subjects = training.get("subjects", {})
     out.print(f"[bold]Training data[/] {escape(_data_sources(training.get('data')))}: "
               f"{len(subjects.get('train', []))} subjects; validation {', '.join(subjects.get('val', [])) or 'none'}")

@@ -306,6 +306,11 @@ def synthesize(
     seed: int = typer.Option(
         0, "--seed", min=0, max=2**63 - 1, help="Seed of the noise shared by all slices (same seed, same output)."
     ),
+    contrast: bool | None = typer.Option(
+        None, "--contrast/--no-contrast", help="Calibrate an MRI output's contrast (its foreground's median over "
+        "99.5th percentile) to the training targets' by one power law; default: the model's (on for brain-sharp, "
+        "skipped for sources it warns about)."
+    ),
     batch_size: int | None = typer.Option(
         None,
         "--batch-size",
@@ -351,7 +356,7 @@ def synthesize(
 
     target = canonical_modality(target)
     modalities = [canonical_modality(m) for m in src_modality or []]
-    settings = SynthesisSettings(parse_steps(steps), sampler, seed, samples, batch_size)
+    settings = SynthesisSettings(parse_steps(steps), sampler, seed, samples, batch_size, contrast)
     if uncertainty and samples < 2:
         raise InputError("--uncertainty needs several draws", hint="add --samples 2 (or more)")
     if bool(src) == bool(list_file):
@@ -535,5 +540,6 @@ def _run_case(
         "brain_mask": str(mask.meta.get("path")) if mask is not None else None,
         "notes": result.notes,
         "warnings": result.warnings,
+        "contrast_gamma": None if result.contrast_gamma is None else round(result.contrast_gamma, 4),
         **common,
     }

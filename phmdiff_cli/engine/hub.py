@@ -18,8 +18,9 @@ __all__ = ["WEIGHTS_FILE", "CARD_FILE", "DEFAULT_MODEL", "HF_SCHEME", "WEIGHTS_E
 #: A model folder holds these two files (this module imports no torch, so the CLI starts fast).
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "config.json"
-#: The model ``--model`` defaults to: the shipped ``weights/brain-small/``.
-DEFAULT_MODEL = "brain-small"
+#: The model ``--model`` defaults to: the shipped ``weights/brain-sharp/`` (``brain-small``, the earlier default,
+#: stays available by name).
+DEFAULT_MODEL = "brain-sharp"
 HF_SCHEME = "hf://"
 WEIGHTS_ENV = "PHMDIFF_WEIGHTS"
 #: ``weights/`` of the repository (an editable install or a source checkout).

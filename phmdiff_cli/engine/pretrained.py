@@ -26,7 +26,8 @@ __all__ = ["Pretrained", "build_card", "card_pairs", "load_pretrained"]
 
 
 def build_card(config: ModelConfig, pairs: Sequence[Pair], *, training: dict[str, Any] | None = None,
-               metrics: dict[str, Any] | None = None, input_domain: dict[str, Any] | None = None) -> dict[str, Any]:
+               metrics: dict[str, Any] | None = None, input_domain: dict[str, Any] | None = None,
+               contrast: dict[str, float] | None = None) -> dict[str, Any]:
     """The model card of a PHMDiff model (``checkpoint.save_model`` adds format, sha256, version, date).
 
     Args:
@@ -36,6 +37,8 @@ def build_card(config: ModelConfig, pairs: Sequence[Pair], *, training: dict[str
         metrics: validation metrics, e.g. ``{"t1n:t2w": {"psnr": 24.1, "ssim": 0.86}}``.
         input_domain: what the training sources were like
             (:func:`~phmdiff_cli.engine.input_domain.domain_of`); ``synthesize`` checks inputs against it.
+        contrast: the training targets' median-to-99.5th-percentile ratio per MRI target
+            (:func:`~phmdiff_cli.engine.train_data.training_contrast`); used where ``sampling.contrast`` is on.
     """
     modalities = sorted({m for p in pairs for m in (*p.sources, p.target)})
     return {
@@ -54,6 +57,7 @@ def build_card(config: ModelConfig, pairs: Sequence[Pair], *, training: dict[str
         "training": training or {},
         "metrics": metrics or {},
         **({"input_domain": input_domain} if input_domain else {}),
+        **({"contrast": contrast} if contrast else {}),
     }
 
 

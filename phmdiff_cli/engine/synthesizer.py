@@ -36,6 +36,7 @@ from phmdiff_cli.data.preprocess import (
 )
 from phmdiff_cli.data.slices import Pair, source_stack
 from phmdiff_cli.diffusion import sample
+from phmdiff_cli.engine.contrast import calibrate_model_range, source_foreground
 from phmdiff_cli.engine.device import autocast, configure_backends
 from phmdiff_cli.engine.input_domain import check, measure
 from phmdiff_cli.engine.pretrained import Pretrained
@@ -86,6 +87,10 @@ class SynthesisSettings:
         seed: seed of the initial noise, shared by every slice of a volume (through-plane consistency).
         samples: draws per slice; more than one gives the mean and a per-voxel standard deviation.
         batch_size: slices per batch; None: :func:`default_batch_size`.
+        contrast: calibrate an MRI output's contrast to the training targets' (:mod:`~phmdiff_cli.engine.contrast`);
+            None for the model's default (``config.sampling.contrast``), which skips it for sources outside the
+            card's ``input_domain`` (the reference ratio holds for brains like the training ones: on raw clinical
+            heads, with or without a brain mask, it cost 0.4-2.5 dB; benchmarks/README.md).
     """
 
     steps: int | tuple[int, ...] | None = None
@@ -93,6 +98,7 @@ class SynthesisSettings:
     seed: int = 0
     samples: int = 1
     batch_size: int | None = None
+    contrast: bool | None = None
 
 
 @dataclass
@@ -113,6 +119,9 @@ class Synthesis:
         notes: what was done to the inputs that the user should know (resampling, grid crop).
         warnings: where the inputs differ from what the model was trained on (the card's ``input_domain``), what
             that means and what to do; empty for inputs like the training images.
+        contrast_gamma: the exponent of the contrast calibration (:func:`~phmdiff_cli.engine.contrast.calibrate`);
+            None when it did not run (a CT target, a model that leaves it off, ``contrast=False``, or sources
+            outside the card's ``input_domain`` under the model's default).
     """
 
     image: Volume
@@ -124,6 +133,7 @@ class Synthesis:
     seconds: dict[str, float]
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    contrast_gamma: float | None = None
 
 
 def match_pair(pretrained: Pretrained, modalities: Sequence[str], target: str) -> Pair:
@@ -203,7 +213,8 @@ class Synthesizer:
         settings: sampling settings.
 
     Raises:
-        InputError: steps or sampler that do not fit the model.
+        InputError: steps or sampler that do not fit the model, or contrast calibration asked of a model whose
+            card has no ``contrast`` reference.
     """
 
     def __init__(
@@ -226,6 +237,11 @@ class Synthesizer:
             raise InputError(f"unknown sampler {self.sampler!r}", hint=f"use one of {', '.join(SAMPLERS)}")
         if settings.samples < 1:
             raise InputError(f"samples must be at least 1, got {settings.samples}")
+        self.contrast = cfg.sampling.contrast if settings.contrast is None else settings.contrast
+        self.contrast_reference: dict[str, float] = pretrained.card.get("contrast", {})
+        if self.contrast and not self.contrast_reference:
+            raise InputError(f"{pretrained.path}: the model card has no contrast reference",
+                             hint="leave out --contrast: the card predates the measurement (ship or train it again)")
         self.pretrained, self.device, self.dtype, self.settings = pretrained, device, dtype, settings
         self.backends = configure_backends(device)
         self.batch_size = settings.batch_size or default_batch_size(pretrained, device, settings.samples)
@@ -287,6 +303,15 @@ class Synthesizer:
         mean, std, todo = self._sample_volume(volumes, pair, on_batch)
         seconds["sample"] = time.perf_counter() - start
         seconds["sample_cpu"] = time.process_time() - cpu_start  # all threads: busy cores x wall time
+        gamma = None
+        if self.contrast and target in self.contrast_reference:
+            if warned and self.settings.contrast is None:
+                # The reference is the training brains' tissue mix; a head with skull, or a loose mask, holds another.
+                notes.append("contrast calibration skipped: the sources are unlike the training images (see the "
+                             "warnings); --contrast applies it anyway")
+            else:
+                foreground = source_foreground([by_modality[m].array for m in pair.sources], pair.sources)
+                mean, std, gamma = calibrate_model_range(mean, std, foreground, self.contrast_reference[target])
 
         start = time.perf_counter()
         params, transform = output_params(target, prepared), prepared[0].transform
@@ -301,9 +326,8 @@ class Synthesizer:
             scale = IntensityParams(target, 0.0, params.hi - params.lo)
             std_image = self._restore(std - 1.0, scale, transform, work[0], reference, mask, 0.0)
         seconds["restore"] = time.perf_counter() - start
-        return Synthesis(
-            image, std_image, pair, mean.shape[0], mean.shape[0] - todo, self.batch_size, seconds, notes, warned
-        )
+        return Synthesis(image, std_image, pair, mean.shape[0], mean.shape[0] - todo, self.batch_size, seconds,
+                         notes, warned, gamma)
 
     def _check_inputs(self, sources: Sequence[Volume], mask: Volume | None) -> list[str]:
         """Warnings for sources unlike the training images (the card's ``input_domain``; none without one)."""

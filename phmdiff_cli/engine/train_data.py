@@ -20,12 +20,14 @@ from phmdiff_cli.data.grid import GridCropWarning, ModelGrid
 from phmdiff_cli.data.layouts import Dataset, Subject, combine, discover
 from phmdiff_cli.data.slices import Augment, Pair, SliceDataset, parse_pairs, split_subjects
 from phmdiff_cli.data.summary import DatasetSummary, summary
+from phmdiff_cli.engine.contrast import reference_ratio
 from phmdiff_cli.engine.input_domain import domain_of, measure
 from phmdiff_cli.engine.settings import TrainSettings
 from phmdiff_cli.errors import InputError
 from phmdiff_cli.io import read_volume
+from phmdiff_cli.modalities import is_ct
 
-__all__ = ["TrainData", "load_data", "slice_dataset", "training_domain"]
+__all__ = ["TrainData", "load_data", "slice_dataset", "training_contrast", "training_domain"]
 
 
 @dataclass
@@ -221,3 +223,13 @@ def training_domain(data: TrainData) -> dict[str, Any]:
             on_grid = mask is not None and mask.same_grid(volume, tol=1e-3)
             stats.append(measure(volume, modality, mask if on_grid else None))
     return domain_of(stats)
+
+
+def training_contrast(data: TrainData) -> dict[str, float]:
+    """The model card's ``contrast``: for each MRI target of the pairs, the mean median-to-99.5th-percentile
+    ratio of the training subjects' real target images (:func:`~phmdiff_cli.engine.contrast.reference_ratio`),
+    which a model whose ``sampling.contrast`` is on calibrates its output to."""
+    targets = sorted({pair.target for pair in data.pairs if not is_ct(pair.target)})
+    subjects = data.subjects(data.train_ids)
+    return {m: round(reference_ratio((read_volume(s.images[m]).array for s in subjects if m in s.images), m), 4)
+            for m in targets if any(m in s.images for s in subjects)}

@@ -53,7 +53,7 @@ from phmdiff_cli.engine.pretrained import Pretrained, build_card, load_pretraine
 from phmdiff_cli.engine.progress import Reporter
 from phmdiff_cli.engine.run_folder import RunFolder
 from phmdiff_cli.engine.settings import TrainSettings, auto_spacing, build_model_config, with_model_overrides
-from phmdiff_cli.engine.train_data import TrainData, load_data, slice_dataset, training_domain
+from phmdiff_cli.engine.train_data import TrainData, load_data, slice_dataset, training_contrast, training_domain
 from phmdiff_cli.engine.validation import Validation, fixed_subset, validate, write_preview
 from phmdiff_cli.errors import EXIT_INTERNAL, InputError, PhmdiffError
 from phmdiff_cli.jsonsafe import finite
@@ -259,6 +259,7 @@ class Trainer:
         self.lineage: dict[str, Any] | None = None
         #: the training sources measured (:func:`training_domain`), for the model card; measured once.
         self.domain: dict[str, Any] | None = None
+        self.contrast: dict[str, float] = {}
 
     # ------------------------------------------------------------------ setup
 
@@ -561,9 +562,9 @@ class Trainer:
             }
         )
         if self.domain is None:  # measured once, for the first card (rank 0 only writes cards)
-            self.domain = training_domain(self.data)
+            self.domain, self.contrast = training_domain(self.data), training_contrast(self.data)
         return build_card(self.config, self.data.pairs, training=training, metrics=metrics,
-                          input_domain=self.domain)
+                          input_domain=self.domain, contrast=self.contrast)
 
     def _checkpoint(self, clock: _Clock) -> None:
         """Rank 0: the resumable state (the commit point), then ``last/`` (EMA weights + card)."""
