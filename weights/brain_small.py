@@ -26,6 +26,7 @@ from pathlib import Path
 from phmdiff_cli.engine.checkpoint import CARD_FILE, INT8_SCALE, load_model, quantize_int8, save_model
 from phmdiff_cli.engine.settings import TrainSettings, load_settings
 from phmdiff_cli.engine.train_data import load_data, training_contrast, training_domain
+from phmdiff_cli.io.atomic import atomic_path
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "runs" / "brain-small"
@@ -193,9 +194,8 @@ def recard(name: str) -> Path:
     for card changes without the run folder."""
     path = ROOT / "weights" / name / CARD_FILE
     card = card_of(json.loads(path.read_text()), name)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    with atomic_path(path, force=True) as tmp:
+        tmp.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
     return path
 
 

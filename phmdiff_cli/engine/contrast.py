@@ -73,10 +73,12 @@ def calibrate(unit: np.ndarray, foreground: np.ndarray, reference: float) -> tup
     """
     x = np.clip(np.asarray(unit, dtype=np.float32), 0.0, None)
     values = x[foreground]
-    ratio = median_ratio(values)
+    if values.size == 0:
+        return x, 1.0
+    top, median = (float(v) for v in np.percentile(values, [MRI_PERCENTILE, 50.0]))
+    ratio = median / top if top > 0 else math.nan
     if not 0.0 < ratio < 1.0:
         return x, 1.0
-    top = float(np.percentile(values, MRI_PERCENTILE))
     gamma = float(np.clip(math.log(reference) / math.log(ratio), *GAMMA_LIMITS))
     return (top * (x / top) ** gamma).astype(np.float32), gamma
 
