@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from phmdiff_cli.cli.app import app
 from phmdiff_cli.data.preprocess import resample_onto, thicken_onto, thin_slices
 from phmdiff_cli.engine.hub import DEFAULT_MODEL
-from phmdiff_cli.engine.input_domain import check, measure
+from phmdiff_cli.engine.input_domain import HEAD_ML, check, measure
 from phmdiff_cli.io import Volume, canonical_grid, read_volume
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,6 +66,19 @@ def test_a_dicom_head_series_is_warned_and_a_brain_mask_silences_it(tmp_path: Pa
     assert SKULL in " ".join(check(measure(volume, "t1n"), DOMAIN, "t1n", "series"))
     mask = _disk_mask(volume, radius_mm=60.0)
     assert check(measure(volume, "t1n", mask), DOMAIN, "t1n", "series") == []
+
+
+def test_a_model_trained_on_heads_calls_a_larger_input_a_larger_field_of_view(data_dir: Path) -> None:
+    """A domain measured on heads with skull (its largest image above HEAD_ML, as the raw head of
+    ``weights/brain_small.py heads`` gives): a raw head like it passes the size check, a wider section does not,
+    and neither is told to be skull-stripped."""
+    heads = {**DOMAIN, "foreground_ml": [1015.0, 2807.0], "max_area_cm2": [128.0, 249.0]}
+    assert heads["foreground_ml"][1] > HEAD_ML
+    raw = data_dir / "clinical_raw" / "OMS-raw-p04-study1" / "T1W.nii.gz"
+    assert [w for w in check(measure(read_volume(raw), "t1n"), heads, "t1n", "t1") if "field of view" in w] == []
+    found = check(measure(read_volume(SERIES), "t1n"), heads, "t1n", "series")
+    assert "a larger field of view than the model was trained on" in found[0] and "crop it to the head" in found[0]
+    assert not any(SKULL in w for w in found)
 
 
 def _disk_mask(volume: Volume, radius_mm: float) -> Volume:

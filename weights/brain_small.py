@@ -11,6 +11,8 @@ copy of a run's last model into ``weights/<name>`` with a card that names the tr
     python weights/brain_small.py all-tune # the shipped model fine-tuned on every subject (~95 min here)
     python weights/brain_small.py sharp    # the successor's engine on every subject, from scratch (75 min)
     python weights/brain_small.py sharp-extend  # resume it to 200 minutes, the LR decaying over the last 30
+    python weights/brain_small.py heads    # heads with skull as training subjects, in runs/heads-data (~1 min)
+    python weights/brain_small.py heads-tune    # brain-sharp fine-tuned on brains and a head (45 min; not shipped)
 
 The validation subject, TCGA-DU-7294, is held out from training; it is also the example image in
 ``examples/`` (its T1), so the quickstart synthesizes a T2 the model has never seen.
@@ -22,6 +24,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+import SimpleITK as sitk
 
 from phmdiff_cli.engine.checkpoint import CARD_FILE, INT8_SCALE, load_model, quantize_int8, save_model
 from phmdiff_cli.engine.settings import TrainSettings, load_settings
@@ -66,13 +70,18 @@ ALL = [
 #: of the protocol (eight, from three sources) and its ten pairs: a fresh optimiser at the tune stage's LR, unmasked
 #: from the start (the model has had its masked pre-training), the LR decaying to 0 over the second half. A later
 #: session continues it with ``--init runs/brain-all-tune/last`` (or ``--resume`` while the run folder exists).
-ALL_TUNE = [
-    "phmdiff", "train", "--config", "weights/brain_data.json", "--init", "weights/brain-small",
-    "--batch-size", "8", "--lr", "1e-4", "--warmup-steps", "50", "--lr-cooldown", "0.5",
-    "--finetune-fraction", "0.99", "--ema-decay", "0.998", "--rotate", "10", "--zoom", "0.1", "--minutes", "95",
-    "--val-every", "500", "--val-slices", "8", "--checkpoint-minutes", "10", "--cache-dir", "runs/cache-protocol",
-    "--out", "runs/brain-all-tune",
-]
+
+
+def fine_tune(config: str, init: str, minutes: int, out: str) -> list[str]:
+    """A fine-tune of ``init`` on ``config``'s data: a fresh optimiser at LR 1e-4, unmasked from the start, the LR
+    decaying to 0 over the second half of ``minutes``."""
+    return ["phmdiff", "train", "--config", config, "--init", init, "--batch-size", "8", "--lr", "1e-4",
+            "--warmup-steps", "50", "--lr-cooldown", "0.5", "--finetune-fraction", "0.99", "--ema-decay", "0.998",
+            "--rotate", "10", "--zoom", "0.1", "--minutes", str(minutes), "--val-every", "500", "--val-slices", "8",
+            "--checkpoint-minutes", "10", "--cache-dir", "runs/cache-protocol", "--out", out]
+
+
+ALL_TUNE = fine_tune("weights/brain_data.json", "weights/brain-small", 95, "runs/brain-all-tune")
 #: ``sharp`` starts brain-small's successor (issue "Sharp synthesis"): one 240 px level whose every training
 #: sample is the sampler's decisive first evaluation at sigma_max, a regression on the sources (at 30 minutes on
 #: two pairs it beat the regression UNet on T1 -> T2, where the diffusion objective's other noise levels halved
@@ -87,6 +96,17 @@ SHARP = [
     "--minutes", "75", "--val-every", "500", "--val-slices", "8", "--checkpoint-minutes", "10",
     "--cache-dir", "runs/cache-protocol", "--out", "runs/brain-sharp",
 ]
+#: ``heads`` writes heads with skull (issue "Real clinical scans in", part 5) as BraTS-layout subjects under
+#: ``HEADS``: the two raw clinical MS patients (T1W and T2W moved onto the FLAIR by their rigid transforms, all three
+#: resampled linearly to 1 mm on the FLAIR's field of view; OMS-raw-p04 is validation only). ``heads-tune``
+#: fine-tunes brain-sharp on them and the brain protocol (``weights/brain_heads.json``): a fresh optimiser at a
+#: fifth of its LR, unmasked, decaying over the second half. Measured, not shipped: the held-out raw head's T1 gave a
+#: whole-head T2, but a skull-stripped validation brain lost 3-4 dB on T1 -> T2 (benchmarks/README.md, "Training on
+#: heads"); the SPM12 avg152 templates as a further head did not change that.
+HEADS = ROOT / "runs" / "heads-data"
+RAW_HEADS = {"OMS-raw-p01": "OMS-raw-p01-study1", "OMS-raw-p04": "OMS-raw-p04-study1"}
+RAW_NAMES = {"t1n": "T1W", "t2w": "T2W", "t2f": "FLAIR"}
+HEADS_TUNE = fine_tune("weights/brain_heads.json", "weights/brain-sharp", 45, "runs/brain-heads")
 STAGES = {
     "train": TRAIN,
     "extend": [*RESUME, "--max-steps", "5000"],
@@ -96,6 +116,7 @@ STAGES = {
     "sharp": SHARP,
     "sharp-extend": ["phmdiff", "train", "--resume", "--out", "runs/brain-sharp", "--minutes", "200",
                      "--lr-cooldown", "0.15", "--checkpoint-minutes", "10"],
+    "heads-tune": HEADS_TUNE,
 }
 #: Stages whose ``--config`` is the data protocol plus model settings, written before they run.
 STAGE_CONFIGS = {"sharp": (ROOT / "runs" / "brain-sharp.json", SHARP_MODEL)}
@@ -110,6 +131,8 @@ LICENCES = {
     **{f"BraTS2013-pat000{n}": "CC BY-NC-SA 3.0 CH (BraTS 2015, Menze et al., IEEE TMI 2015; DeepMedic examples): "
        "weights trained on it are for non-commercial use and shared alike" for n in (3, 4, 5, 6)},
     **{f"BraTS2013-pat000{n}": "CC BY-NC-SA 3.0 CH (BraTS 2015); validation only" for n in (1, 2)},
+    "OMS-raw-p01": "CC BY (Lesjak et al., Neuroinformatics 2016, University of Ljubljana)",
+    "OMS-raw-p04": "CC BY (Lesjak et al., Neuroinformatics 2016); validation only",
 }
 #: How each run that ``ship`` takes was made.
 RECIPES = {
@@ -118,6 +141,8 @@ RECIPES = {
                       "weights/brain_data.json)",
     "brain-sharp": "python weights/brain_small.py sharp, then sharp-extend (every training subject of "
                    "weights/brain_data.json, 200 minutes)",
+    "brain-heads": "python weights/brain_small.py sharp, sharp-extend, heads, then heads-tune (brain-sharp "
+                   "fine-tuned on weights/brain_heads.json: the brains and heads with skull)",
 }
 
 
@@ -199,6 +224,40 @@ def recard(name: str) -> Path:
     return path
 
 
+def resampled(image: sitk.Image, grid: sitk.Image, transform: sitk.Transform | None = None) -> sitk.Image:
+    """``image`` on ``grid`` (float32, linear, 0 outside) through ``transform`` (grid point -> image point)."""
+    return sitk.Resample(sitk.Cast(image, sitk.sitkFloat32), grid, transform or sitk.Transform(), sitk.sitkLinear, 0.0)
+
+
+def iso_grid(image: sitk.Image, mm: float = 1.0) -> sitk.Image:
+    """An empty grid of ``mm`` isotropic voxels over ``image``'s field of view (same origin and direction)."""
+    size = [int(round(n * s / mm)) for n, s in zip(image.GetSize(), image.GetSpacing(), strict=True)]
+    grid = sitk.Image(size, sitk.sitkUInt8)
+    grid.SetOrigin(image.GetOrigin())
+    grid.SetDirection(image.GetDirection())
+    grid.SetSpacing([mm] * 3)
+    return grid
+
+
+def prepare_heads(data: Path, out: Path = HEADS) -> Path:
+    """Write the training heads (see ``HEADS``) of the shared data folder ``data`` as ``out/ID/ID-<modality>.nii.gz``
+    (float32, 1 mm); returns ``out``."""
+    images: dict[str, dict[str, sitk.Image]] = {}
+    for sid, study in RAW_HEADS.items():
+        folder = data / "clinical_raw" / study
+        flair = sitk.ReadImage(str(folder / "FLAIR.nii.gz"))
+        grid = iso_grid(flair)
+        moves = {name: sitk.ReadTransform(str(folder / f"{name}_to_FLAIR.txt")) for name in ("T1W", "T2W")}
+        images[sid] = {key: resampled(sitk.ReadImage(str(folder / f"{name}.nii.gz")), grid, moves.get(name))
+                       for key, name in RAW_NAMES.items()}
+    for sid, modalities in images.items():
+        (out / sid).mkdir(parents=True, exist_ok=True)
+        for key, image in modalities.items():
+            with atomic_path(out / sid / f"{sid}-{key}.nii.gz", force=True) as tmp:
+                sitk.WriteImage(image, str(tmp))
+    return out
+
+
 def main() -> None:
     action = sys.argv[1] if len(sys.argv) > 1 else ""
     if action in STAGE_CONFIGS:
@@ -207,13 +266,16 @@ def main() -> None:
         path.write_text(json.dumps({**json.loads((ROOT / "weights" / "brain_data.json").read_text()), "model": model}))
     if action in STAGES:
         sys.exit(subprocess.run(STAGES[action], cwd=ROOT).returncode)  # phmdiff's own message, no traceback
+    elif action == "heads":
+        print(prepare_heads((ROOT / DATA).parent))
     elif action == "ship" and (len(sys.argv) < 4 or sys.argv[3] in CARD_NOTES):
         print(ship(Path(sys.argv[2]) if len(sys.argv) > 2 else TUNED, *sys.argv[3:4]))
     elif action == "recard" and len(sys.argv) == 3 and sys.argv[2] in CARD_NOTES:
         print(recard(sys.argv[2]))
     else:
         names = " | ".join(CARD_NOTES)
-        sys.exit(f"usage: python {Path(__file__).name} {' | '.join(STAGES)} | ship [RUN [{names}]] | recard {names}")
+        sys.exit(f"usage: python {Path(__file__).name} {' | '.join(STAGES)} | heads | ship [RUN [{names}]] "
+                 f"| recard {names}")
 
 
 if __name__ == "__main__":

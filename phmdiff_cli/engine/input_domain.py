@@ -21,7 +21,7 @@ from phmdiff_cli.data.normalize import foreground_mask
 from phmdiff_cli.io import Volume, to_canonical
 from phmdiff_cli.modalities import is_ct
 
-__all__ = ["InputStats", "measure", "domain_of", "check", "VOLUME_MARGIN", "AREA_MARGIN", "SPACING_MARGIN"]
+__all__ = ["InputStats", "measure", "domain_of", "check", "VOLUME_MARGIN", "AREA_MARGIN", "SPACING_MARGIN", "HEAD_ML"]
 
 #: An input whose foreground volume or largest cross-section exceeds the largest training image's by this factor
 #: is not what the model saw (the largest adult brains are ~1.2 times the training brains; heads with skull 1.4+).
@@ -29,6 +29,8 @@ VOLUME_MARGIN = 1.2
 #: The same for the largest axial cross-section, tighter: a slab of a few slices of a head has a small volume, and
 #: its cross-section is what tells it from a brain (brains <= 201 cm2 here, heads with skull 231-432 cm2).
 AREA_MARGIN = 1.1
+#: A training domain whose largest image exceeds this (mL) had heads with skull: no adult brain is this large.
+HEAD_ML = 2000.0
 #: Voxels coarser than the coarsest training voxels by this factor are not what the model saw.
 SPACING_MARGIN = 1.5
 
@@ -91,9 +93,11 @@ def check(stats: InputStats, domain: dict[str, Any], modality: str, name: str) -
         measured = (f"its foreground is {stats.foreground_ml:.0f} mL, largest axial cross-section "
                     f"{stats.max_area_cm2:.0f} cm2; the training images had {lo_ml:.0f}-{hi_ml:.0f} mL, at most "
                     f"{hi_area:.0f} cm2")
-        if is_ct(modality):
-            out.append(f"{name}: a larger field of view than the model was trained on ({measured}): crop it to the "
-                       "anatomy the model knows")
+        if is_ct(modality) or hi_ml > HEAD_ML:
+            advice = "crop it to the anatomy the model knows"
+            if not is_ct(modality):  # a model trained on heads with skull: the input shows more than a head
+                advice = "crop it to the head, or pass --brain-mask"
+            out.append(f"{name}: a larger field of view than the model was trained on ({measured}): {advice}")
         else:
             out.append(f"{name}: the source is probably not skull-stripped ({measured}, skull-stripped brains); "
                        "the output will not be reliable: pass --brain-mask, or skull-strip it first (HD-BET, "
