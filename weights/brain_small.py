@@ -66,10 +66,6 @@ ALL = [
     "--lr", "3e-4", "--ema-decay", "0.998", "--rotate", "10", "--zoom", "0.1", "--minutes", "180",
     "--val-every", "400", "--val-slices", "8", "--checkpoint-minutes", "10", "--out", "runs/brain-all",
 ]
-#: ``all-tune`` starts from the shipped model (three training subjects) and fine-tunes it on every training subject
-#: of the protocol (eight, from three sources) and its ten pairs: a fresh optimiser at the tune stage's LR, unmasked
-#: from the start (the model has had its masked pre-training), the LR decaying to 0 over the second half. A later
-#: session continues it with ``--init runs/brain-all-tune/last`` (or ``--resume`` while the run folder exists).
 
 
 def fine_tune(config: str, init: str, minutes: int, out: str) -> list[str]:
@@ -81,6 +77,10 @@ def fine_tune(config: str, init: str, minutes: int, out: str) -> list[str]:
             "--checkpoint-minutes", "10", "--cache-dir", "runs/cache-protocol", "--out", out]
 
 
+#: ``all-tune`` starts from the shipped model (three training subjects) and fine-tunes it on every training subject
+#: of the protocol (eight, from three sources) and its ten pairs: a fresh optimiser at the tune stage's LR, unmasked
+#: from the start (the model has had its masked pre-training), the LR decaying to 0 over the second half. A later
+#: session continues it with ``--init runs/brain-all-tune/last`` (or ``--resume`` while the run folder exists).
 ALL_TUNE = fine_tune("weights/brain_data.json", "weights/brain-small", 95, "runs/brain-all-tune")
 #: ``sharp`` starts brain-small's successor (issue "Sharp synthesis"): one 240 px level whose every training
 #: sample is the sampler's decisive first evaluation at sigma_max, a regression on the sources (at 30 minutes on
