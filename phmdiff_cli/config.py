@@ -157,6 +157,9 @@ class ModelConfig:
             :func:`~phmdiff_cli.data.normalize.normalize_source`. Targets are always percentile-scaled.
         max_sources: S, source slots per sample (unused slots are zero-filled with modality id 0).
         num_modalities: modality embedding entries (ids 0..num_modalities-1; 0 = absent slot).
+        skull_condition: condition on whether the sources show a head with skull or a skull-stripped brain
+            (:func:`~phmdiff_cli.data.preprocess.shows_skull`, measured on each training subject and each
+            input), for a model trained on both; may be added to an ``--init`` model (zero-initialised).
         hidden_size, depth, num_heads: the shared encoder (DiT blocks).
         decoder_hidden_size, decoder_depth, decoder_heads: the light decoder that re-inserts mask tokens.
         mlp_ratio: MLP width / hidden width.
@@ -181,6 +184,7 @@ class ModelConfig:
     source_norm: str = "percentile"
     max_sources: int = 3
     num_modalities: int = len(MODALITIES) + 1
+    skull_condition: bool = False
     hidden_size: int = 64
     depth: int = 2
     num_heads: int = 2

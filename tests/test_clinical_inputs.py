@@ -14,7 +14,8 @@ import SimpleITK as sitk
 from typer.testing import CliRunner
 
 from phmdiff_cli.cli.app import app
-from phmdiff_cli.data.preprocess import resample_onto, thicken_onto, thin_slices
+from phmdiff_cli.data.grid import ModelGrid
+from phmdiff_cli.data.preprocess import prepare_volume, resample_onto, shows_skull, thicken_onto, thin_slices
 from phmdiff_cli.engine.hub import DEFAULT_MODEL
 from phmdiff_cli.engine.input_domain import HEAD_ML, check, measure
 from phmdiff_cli.io import Volume, canonical_grid, read_volume
@@ -79,6 +80,20 @@ def test_a_model_trained_on_heads_calls_a_larger_input_a_larger_field_of_view(da
     found = check(measure(read_volume(SERIES), "t1n"), heads, "t1n", "series")
     assert "a larger field of view than the model was trained on" in found[0] and "crop it to the head" in found[0]
     assert not any(SKULL in w for w in found)
+
+
+def test_a_head_with_skull_is_told_from_a_brain_on_the_model_grid(data_dir: Path) -> None:
+    """What a ``skull_condition`` model is told: a raw head (a 0.5 mm T1 of 3 mm slices) and a 4-slice DICOM head
+    show a skull, the example brain does not, nor a head inside a brain-sized mask."""
+    grid = ModelGrid(240, 1.0)
+    def skull(volume: Volume, mask: Volume | None = None) -> bool:
+        return shows_skull(prepare_volume(volume, grid, modality="t1n", mask=mask).foreground, grid)
+
+    assert not skull(read_volume(EXAMPLE))
+    raw = read_volume(data_dir / "clinical_raw" / "OMS-raw-p01-study1" / "T1W.nii.gz")
+    series = read_volume(SERIES)
+    assert skull(raw) and skull(series)
+    assert not skull(series, _disk_mask(series, radius_mm=60.0))
 
 
 def _disk_mask(volume: Volume, radius_mm: float) -> Volume:

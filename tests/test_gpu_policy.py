@@ -121,7 +121,7 @@ def test_out_of_memory_halves_the_batch_after_releasing_the_failed_one(monkeypat
     synth.settings = type("S", (), {"samples": 1})()
     alive: list[object] = []
 
-    def sample_batch(volumes: object, pair: object, z: np.ndarray) -> tuple[np.ndarray, None]:
+    def sample_batch(volumes: object, pair: object, skull: bool, z: np.ndarray) -> tuple[np.ndarray, None]:
         held = torch.zeros(len(z), 64, 64)
         import weakref
 
@@ -140,7 +140,7 @@ def test_out_of_memory_halves_the_batch_after_releasing_the_failed_one(monkeypat
     monkeypatch.setattr(synth, "_sample_batch", sample_batch)
     monkeypatch.setattr(synth, "_shrink_batch", shrink)
     volume = np.zeros((5, 64, 64), dtype=np.float32)
-    mean, _, sampled = synth._sample_volume([volume], None, None)  # type: ignore[arg-type]
+    mean, _, sampled = synth._sample_volume([volume], None, False, None)  # type: ignore[arg-type]
     assert shrinks == [8, 4] and synth.batch_size == 2 and sampled == 5 and mean.shape == (5, 64, 64)
     synth.batch_size = 1
     with pytest.raises(PhmdiffError, match="out of memory even with one slice"):

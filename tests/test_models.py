@@ -66,6 +66,25 @@ def test_output_is_zero_at_initialisation() -> None:
     assert torch.count_nonzero(out) == 0
 
 
+def test_skull_condition_starts_as_the_model_it_is_added_to() -> None:
+    """A plain model's weights in a ``skull_condition`` model give the same output whatever the flag (the
+    embedding starts at zero); once it has learned something, a head and a brain are told apart per sample."""
+    plain_cfg = model_config("tiny")
+    plain, skull_model = PHMDiff(plain_cfg), PHMDiff(model_config("tiny", skull_condition=True))
+    _randomize(plain)
+    missing, unexpected = skull_model.load_state_dict(plain.state_dict(), strict=False)
+    assert missing == ["skull_embed.weight"] and unexpected == []
+    inputs = _inputs(plain_cfg, 2)
+    reference, _ = plain(**inputs, level=2)
+    for skull in (None, torch.tensor([0, 1])):
+        out, _ = skull_model(**inputs, level=2, skull=skull)
+        assert torch.allclose(out, reference, atol=1e-6)
+    with torch.no_grad():
+        skull_model.skull_embed.weight[1].normal_()
+    head, _ = skull_model(**inputs, level=2, skull=torch.tensor([0, 1]))
+    assert torch.allclose(head[0], reference[0], atol=1e-6) and not torch.allclose(head[1], reference[1], atol=1e-3)
+
+
 def _random_head(model: PHMDiff, level: int) -> torch.nn.Module:
     head = model.refine[level]
     torch.manual_seed(2)

@@ -201,6 +201,16 @@ def test_init_starts_from_a_model_and_keeps_its_config(
     assert (changed.diffusion.own_start, changed.diffusion.second_sigma, changed.sampling.sampler) == (
         0.5, 0.5, "euler")
     assert replace(changed, diffusion=initial.config.diffusion, sampling=initial.config.sampling) == initial.config
+    # a zero-initialised conditioning may be added (skull_condition): the rest of the network is the initial one
+    skull = tmp_path / "skull.json"
+    skull.write_text(json.dumps({"model": {"skull_condition": True}}))
+    code, output = _train(*base, *args, "--config", str(skull), "--force")
+    assert code == 0, output
+    grown = load_pretrained(run / "last")
+    assert grown.config.skull_condition and replace(grown.config, skull_condition=False) == initial.config
+    for name, weight in initial.model.state_dict().items():
+        assert torch.allclose(grown.model.state_dict()[name], weight, atol=1e-6), name
+    assert torch.count_nonzero(grown.model.skull_embed.weight) == 0
     elsewhere = [str(tmp_path / "new") if a == str(run) else a for a in base]
     code, output = _train(*elsewhere, "--init", tmp_path / "nothing", *args[2:])
     assert code == 2 and "nothing" in output and not (tmp_path / "new").exists(), output

@@ -13,6 +13,7 @@ copy of a run's last model into ``weights/<name>`` with a card that names the tr
     python weights/brain_small.py sharp-extend  # resume it to 200 minutes, the LR decaying over the last 30
     python weights/brain_small.py heads    # heads with skull as training subjects, in runs/heads-data (~1 min)
     python weights/brain_small.py heads-tune    # brain-sharp fine-tuned on brains and a head (45 min; not shipped)
+    python weights/brain_small.py heads-skull   # the same, told whether the sources show a skull (45 min)
 
 The validation subject, TCGA-DU-7294, is held out from training; it is also the example image in
 ``examples/`` (its T1), so the quickstart synthesizes a T2 the model has never seen.
@@ -107,6 +108,12 @@ HEADS = ROOT / "runs" / "heads-data"
 RAW_HEADS = {"OMS-raw-p01": "OMS-raw-p01-study1", "OMS-raw-p04": "OMS-raw-p04-study1"}
 RAW_NAMES = {"t1n": "T1W", "t2w": "T2W", "t2f": "FLAIR"}
 HEADS_TUNE = fine_tune("weights/brain_heads.json", "weights/brain-sharp", 45, "runs/brain-heads")
+#: ``heads-skull`` is ``heads-tune`` told which it gets: the model conditioned on whether the sources show a head
+#: with skull (``skull_condition``, measured on each subject and input by the largest axial cross-section), since
+#: the same T1 ranks mean other tissues in a head than in a stripped brain. Its config is brain_heads.json plus
+#: ``SKULL_MODEL`` (written to ``runs/brain-heads-skull.json``).
+SKULL_MODEL = {"skull_condition": True}
+HEADS_SKULL = fine_tune("runs/brain-heads-skull.json", "weights/brain-sharp", 45, "runs/brain-heads-skull")
 STAGES = {
     "train": TRAIN,
     "extend": [*RESUME, "--max-steps", "5000"],
@@ -117,9 +124,12 @@ STAGES = {
     "sharp-extend": ["phmdiff", "train", "--resume", "--out", "runs/brain-sharp", "--minutes", "200",
                      "--lr-cooldown", "0.15", "--checkpoint-minutes", "10"],
     "heads-tune": HEADS_TUNE,
+    "heads-skull": HEADS_SKULL,
 }
-#: Stages whose ``--config`` is the data protocol plus model settings, written before they run.
-STAGE_CONFIGS = {"sharp": (ROOT / "runs" / "brain-sharp.json", SHARP_MODEL)}
+#: Stages whose ``--config`` is a data protocol plus model settings, written before they run: (config, protocol,
+#: model settings).
+STAGE_CONFIGS = {"sharp": (ROOT / "runs" / "brain-sharp.json", "brain_data.json", SHARP_MODEL),
+                 "heads-skull": (ROOT / "runs" / "brain-heads-skull.json", "brain_heads.json", SKULL_MODEL)}
 #: The data's terms, from ../shared/data/README.md: weights inherit them.
 LICENCES = {
     "BraTS-GLI-00001-000": "BraTS 2023 challenge terms (research use)",
@@ -261,9 +271,9 @@ def prepare_heads(data: Path, out: Path = HEADS) -> Path:
 def main() -> None:
     action = sys.argv[1] if len(sys.argv) > 1 else ""
     if action in STAGE_CONFIGS:
-        path, model = STAGE_CONFIGS[action]
+        path, protocol, model = STAGE_CONFIGS[action]
         path.parent.mkdir(exist_ok=True)
-        path.write_text(json.dumps({**json.loads((ROOT / "weights" / "brain_data.json").read_text()), "model": model}))
+        path.write_text(json.dumps({**json.loads((ROOT / "weights" / protocol).read_text()), "model": model}))
     if action in STAGES:
         sys.exit(subprocess.run(STAGES[action], cwd=ROOT).returncode)  # phmdiff's own message, no traceback
     elif action == "heads":

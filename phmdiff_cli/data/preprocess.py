@@ -28,11 +28,14 @@ from phmdiff_cli.io import Volume, canonical_grid, from_canonical, read_volume, 
 from phmdiff_cli.modalities import is_ct
 
 __all__ = ["Prepared", "prepare_volume", "restore_volume", "resample_onto", "thin_slices", "thicken_onto",
-           "load_subject"]
+           "load_subject", "shows_skull", "HEAD_AREA_CM2"]
 
 
 #: A stack of slices longer than this (mm) is no anatomy: its header's voxel size is wrong.
 MAX_STACK_MM = 2000.0
+#: The largest axial foreground cross-section (cm2) above which a volume shows a head with skull, not a
+#: skull-stripped brain (measured on ../shared/data: brains <= 201 cm2, heads with skull 231-432 cm2).
+HEAD_AREA_CM2 = 215.0
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,18 @@ class Prepared:
     params: IntensityParams
     transform: GridTransform
     foreground: np.ndarray
+
+
+def shows_skull(foreground: np.ndarray, grid: ModelGrid) -> bool:
+    """Whether a prepared volume shows a head with skull (what a ``skull_condition`` model is told): its largest
+    axial foreground cross-section exceeds :data:`HEAD_AREA_CM2`, which tells a head from a brain even in a slab.
+
+    Args:
+        foreground: :attr:`Prepared.foreground` ``(z,)`` on ``grid`` (a given brain mask's: a brain).
+        grid: the model grid.
+    """
+    slice_cm2 = (grid.size * grid.spacing_mm) ** 2 / 100.0
+    return bool(foreground.size) and float(foreground.max()) * slice_cm2 > HEAD_AREA_CM2
 
 
 def prepare_volume(

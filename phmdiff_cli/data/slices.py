@@ -23,6 +23,7 @@ from phmdiff_cli.data.cache import CachedSubject, cache_subject
 from phmdiff_cli.data.grid import ModelGrid
 from phmdiff_cli.data.layouts import Subject
 from phmdiff_cli.data.normalize import normalize_source
+from phmdiff_cli.data.preprocess import shows_skull
 from phmdiff_cli.errors import InputError
 from phmdiff_cli.modalities import ABSENT_ID, canonical_modality, modality_id
 
@@ -201,7 +202,9 @@ class SliceDataset(torch.utils.data.Dataset):
     Samples (indexed by :data:`SampleKey`, as drawn by :meth:`sampler`)::
 
         {"source": (S, 2k+1, H, W) float32, "src_mod": (S,) int64,
-         "tgt_mod": () int64, "target": (1, H, W) float32}
+         "tgt_mod": () int64, "target": (1, H, W) float32, "skull": () int64}
+
+    (``skull``: 1 where the subject's first source shows a head with skull, :func:`shows_skull`).
 
     Args:
         subjects: the subjects to use; those lacking all modalities of every pair are listed in ``skipped``.
@@ -326,6 +329,7 @@ class SliceDataset(torch.utils.data.Dataset):
             "src_mod": torch.from_numpy(src_mod),
             "tgt_mod": torch.tensor(modality_id(pair.target), dtype=torch.long),
             "target": torch.from_numpy(target),
+            "skull": torch.tensor(int(shows_skull(self.subjects[subject].foreground[pair.sources[0]], self.grid))),
         }
 
     def sampler(self, *, seed: int = 0, rank: int = 0, world_size: int = 1, start: int = 0) -> SliceSampler:

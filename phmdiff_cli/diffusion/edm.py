@@ -49,6 +49,7 @@ def denoise(
     *,
     level: int,
     keep: Tensor | None = None,
+    skull: Tensor | None = None,
 ) -> Tensor:
     """The preconditioned denoiser D(x; sigma) of one level, float32 (B, 1, h, w).
 
@@ -56,8 +57,8 @@ def denoise(
         model: a :class:`~phmdiff_cli.models.PHMDiff` (its ``config.diffusion.sigma_data`` is used).
         x: (B, 1, h, w) noisy target ``y + n``, n ~ N(0, sigma^2).
         sigma: (B,) noise levels.
-        source, coarse, src_mod, tgt_mod, level, keep: as in :meth:`PHMDiff.forward`.
+        source, coarse, src_mod, tgt_mod, level, keep, skull: as in :meth:`PHMDiff.forward`.
     """
     c_skip, c_out, c_in, c_noise = precondition(sigma, model.config.diffusion.sigma_data)
-    out, _ = model(c_in * x, c_noise, source, coarse, src_mod, tgt_mod, level=level, keep=keep)
+    out, _ = model(c_in * x, c_noise, source, coarse, src_mod, tgt_mod, level=level, keep=keep, skull=skull)
     return c_skip * x + c_out * out.float()

@@ -55,7 +55,7 @@ def training_loss(
         model: a :class:`~phmdiff_cli.models.PHMDiff` (or a wrapper exposing ``config``), in train mode.
         batch: at the finest resolution H = W = ``config.image_size``, model range [-1, 1]:
             ``source`` (B, S, 2k+1, H, W), ``src_mod`` (B, S) long, ``tgt_mod`` (B,) long,
-            ``target`` (B, 1, H, W).
+            ``target`` (B, 1, H, W); optional ``skull`` (B,) long (:meth:`PHMDiff.forward`).
         mask_ratio: fraction of tokens dropped at every level; None uses ``config.mask_ratios``; 0 = unmasked
             (the fine-tune phase).
         generator: random source on the batch's device, for reproducible steps.
@@ -67,18 +67,19 @@ def training_loss(
     """
     cfg = model.config
     source, src_mod, tgt_mod, target = batch["source"], batch["src_mod"], batch["tgt_mod"], batch["target"]
+    skull = batch.get("skull")
     check_batch(model, source, src_mod, tgt_mod)
     targets, sources = image_pyramid(target, cfg.levels), image_pyramid(source, cfg.levels)
     # The random draws keep this order (coarse conditions, masks, noise): a resumed run repeats its steps exactly.
     coarses = coarse_conditions(targets, cfg, generator)
     if cfg.diffusion.own_coarse > 0:
-        coarses = with_own_coarse(coarses, model, sources, src_mod, tgt_mod, generator)
+        coarses = with_own_coarse(coarses, model, sources, src_mod, tgt_mod, generator, skull)
     keeps = token_masks(target.shape[0], cfg, mask_ratio, device=target.device, generator=generator)
     noised = [noised_target(targets[level], level, cfg, generator) for level in range(cfg.levels)]
     if cfg.diffusion.own_start > 0:
-        noised = with_own_start(noised, model, sources, coarses, src_mod, tgt_mod, generator)
+        noised = with_own_start(noised, model, sources, coarses, src_mod, tgt_mod, generator, skull)
     outs, feats = model.forward_levels([n.input for n in noised], [n.label for n in noised], sources, coarses,
-                                       src_mod, tgt_mod, levels=list(range(cfg.levels)), keeps=keeps)
+                                       src_mod, tgt_mod, levels=list(range(cfg.levels)), keeps=keeps, skull=skull)
     denoise, mae, denoised, logs = denoising_losses(outs, noised, targets, keeps, cfg)
     cgr = cgr_losses(denoised, feats, cfg.diffusion, generator)
     anchor = anchor_losses(denoised, noised, targets, cfg.diffusion)
@@ -110,7 +111,8 @@ def coarse_conditions(targets: list[Tensor], cfg: ModelConfig, generator: torch.
 
 @torch.no_grad()
 def with_own_coarse(coarses: list[Tensor | None], model: nn.Module, sources: list[Tensor], src_mod: Tensor,
-                    tgt_mod: Tensor, generator: torch.Generator | None) -> list[Tensor | None]:
+                    tgt_mod: Tensor, generator: torch.Generator | None, skull: Tensor | None = None
+                    ) -> list[Tensor | None]:
     """Replace the coarse conditions of an ``own_coarse`` share of the samples by what the sampler gives the
     finer levels: level l - 1's denoised prediction at its starting sigma, from pure noise, conditioned on the
     same cascade below it (one evaluation per level, unmasked, no gradients), upsampled to level l.
@@ -134,7 +136,8 @@ def with_own_coarse(coarses: list[Tensor | None], model: nn.Module, sources: lis
         if level and d.refine_sigma > 0:  # SDEdit: the sampler starts this level from the coarser sample
             x = x + cascade
         sigma = torch.full((batch,), start, device=device)
-        pred = denoise(model, x, sigma, sources[level], cascade, src_mod, tgt_mod, level=level).clamp(-1.0, 1.0)
+        pred = denoise(model, x, sigma, sources[level], cascade, src_mod, tgt_mod, level=level,
+                       skull=skull).clamp(-1.0, 1.0)
         cascade = upsample(pred, cfg.level_size(level + 1))
         mixed.append(torch.where(own, cascade, coarses[level + 1]))
     return mixed
@@ -185,7 +188,8 @@ def noised_target(target: Tensor, level: int, cfg: ModelConfig, generator: torch
 
 @torch.no_grad()
 def with_own_start(noised: list[NoisedTarget], model: nn.Module, sources: list[Tensor], coarses: list[Tensor | None],
-                   src_mod: Tensor, tgt_mod: Tensor, generator: torch.Generator | None) -> list[NoisedTarget]:
+                   src_mod: Tensor, tgt_mod: Tensor, generator: torch.Generator | None,
+                   skull: Tensor | None = None) -> list[NoisedTarget]:
     """Re-noise an ``own_start`` share of the samples as the sampler's later evaluations see them: at every
     level, the model's own first evaluation D from pure noise ``x0`` at the level's starting sigma (unmasked, no
     gradients, on the sample's sources and coarse condition), moved by the Euler step to ``second_sigma``:
@@ -211,7 +215,7 @@ def with_own_start(noised: list[NoisedTarget], model: nn.Module, sources: list[T
         start = cfg.start_sigma(level)
         x0 = start * torch.randn(n.x.shape, device=device, generator=generator)
         first = denoise(model, x0, torch.full((batch,), start, device=device), sources[level], coarses[level],
-                        src_mod, tgt_mod, level=level)
+                        src_mod, tgt_mod, level=level, skull=skull)
         x = first + sigma.reshape(-1, 1, 1, 1) / start * (x0 - first)
         mixed.append(NoisedTarget(torch.where(pick, x, n.x), torch.where(pick, c_skip, n.c_skip),
                                   torch.where(pick, c_out, n.c_out), torch.where(pick, c_in * x, n.input),

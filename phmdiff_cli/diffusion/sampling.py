@@ -36,13 +36,13 @@ def _initial_noise(shape: tuple[int, ...], batch: int, samples: int, shared: tor
 
 @torch.no_grad()
 def solve_level(model: nn.Module, scheduler: EDMScheduler, x: Tensor, source: Tensor, coarse: Tensor | None,
-                src_mod: Tensor, tgt_mod: Tensor, *, level: int) -> Tensor:
+                src_mod: Tensor, tgt_mod: Tensor, *, level: int, skull: Tensor | None = None) -> Tensor:
     """One pyramid level's ODE solve along ``scheduler.timesteps`` (set beforehand) from its start ``x``
     (B, 1, h, w) (noise at ``init_noise_sigma``, plus the coarser sample under SDEdit), clamped to [-1, 1];
     other arguments as in :meth:`~phmdiff_cli.models.PHMDiff.forward`, at this level's resolution."""
     for sigma in scheduler.timesteps:
         sigmas = torch.full((x.shape[0],), sigma, device=x.device)
-        denoised = denoise(model, x, sigmas, source, coarse, src_mod, tgt_mod, level=level)
+        denoised = denoise(model, x, sigmas, source, coarse, src_mod, tgt_mod, level=level, skull=skull)
         x = scheduler.step(denoised, x)
     return x.clamp(-1.0, 1.0)
 
@@ -59,6 +59,7 @@ def sample(
     noise_seed: int | None = None,
     generator: torch.Generator | None = None,
     samples: int = 1,
+    skull: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Synthesize target slices, coarse to fine, with the deterministic EDM ODE solver (the finer levels from
     the coarser sample noised to ``DiffusionConfig.refine_sigma`` when it is set, else from pure noise).
@@ -79,6 +80,7 @@ def sample(
         generator: a CPU ``torch.Generator`` used like ``noise_seed`` (shared noise across the batch).
             Without either, each slice gets independent noise from the global RNG.
         samples: N draws per slice (different noise per draw), batched together as N * B.
+        skull: (B,) long, 1 where the sources show a head with skull (models with ``skull_condition``).
 
     Returns:
         ``(mean, std)``: mean (B, 1, H, W) in [-1, 1]; std (B, 1, H, W), the per-pixel standard deviation over
@@ -100,6 +102,7 @@ def sample(
     repeat = (samples,) + (1,) * (source.ndim - 1)
     sources = image_pyramid(source.repeat(repeat), cfg.levels)
     src_mod, tgt_mod = src_mod.repeat(samples, 1), tgt_mod.repeat(samples)
+    skull = None if skull is None else skull.repeat(samples)
 
     refine = cfg.diffusion.refine_sigma
     schedulers = [level_scheduler(cfg, level, sampler) for level in range(cfg.levels)]
@@ -109,7 +112,7 @@ def sample(
         x = noises[level] * scheduler.init_noise_sigma
         if level and refine:  # SDEdit: the finer level starts from the coarser sample, noised
             x = x + coarse
-        x = solve_level(model, scheduler, x, sources[level], coarse, src_mod, tgt_mod, level=level)
+        x = solve_level(model, scheduler, x, sources[level], coarse, src_mod, tgt_mod, level=level, skull=skull)
         if level + 1 < cfg.levels:
             coarse = upsample(x + coarse_noises[level] if coarse_noises else x, cfg.level_size(level + 1))
     draws = x.reshape(samples, b, *x.shape[1:])

@@ -60,6 +60,9 @@ _MODEL_KEYS = ("size", "spacing", "levels", "mask_ratio", "cgr_pixel", "cgr_stru
 #: ``model`` fields that set the training objective and default sampler, not the network: a run from ``init`` may
 #: change them (e.g. a regression-trained model fine-tuned on its own first evaluations).
 OBJECTIVE_KEYS = ("diffusion", "sampling")
+#: ``model`` fields a run from ``init`` may also set: the objective's, and a zero-initialised conditioning that it
+#: adds to the initial network (the model starts as it was).
+INIT_KEYS = (*OBJECTIVE_KEYS, "skull_condition")
 
 
 @dataclass
@@ -241,7 +244,7 @@ class TrainSettings:
             raise _bad("zoom", self.zoom, "must be in [0, 1)")
         defaults = TrainSettings()
         kept = [name for name in _MODEL_KEYS if getattr(self, name) != getattr(defaults, name)
-                and not (name == "model" and set(self.model) <= set(OBJECTIVE_KEYS))]
+                and not (name == "model" and set(self.model) <= set(INIT_KEYS))]
         if self.init is not None and kept:
             raise InputError(
                 f"{', '.join(_flag(k) if k != 'model' else 'model fields but diffusion, sampling' for k in kept)}"

@@ -31,6 +31,7 @@ from phmdiff_cli.data.preprocess import (
     prepare_volume,
     resample_onto,
     restore_volume,
+    shows_skull,
     thicken_onto,
     thin_slices,
 )
@@ -300,7 +301,8 @@ class Synthesizer:
         seconds = {"prepare": time.perf_counter() - start}
 
         start, cpu_start = time.perf_counter(), time.process_time()
-        mean, std, todo = self._sample_volume(volumes, pair, on_batch)
+        skull = shows_skull(by_modality[pair.sources[0]].foreground, self.pretrained.grid)
+        mean, std, todo = self._sample_volume(volumes, pair, skull, on_batch)
         seconds["sample"] = time.perf_counter() - start
         seconds["sample_cpu"] = time.process_time() - cpu_start  # all threads: busy cores x wall time
         gamma = None
@@ -372,9 +374,10 @@ class Synthesizer:
         return resample_onto(volume, reference, nearest=False)
 
     def _sample_volume(
-        self, volumes: Sequence[np.ndarray], pair: Pair, on_batch: BatchCallback | None
+        self, volumes: Sequence[np.ndarray], pair: Pair, skull: bool, on_batch: BatchCallback | None
     ) -> tuple[np.ndarray, np.ndarray | None, int]:
         """Sample every slice whose 2.5D context holds foreground, in batches; halve them on out-of-memory.
+        ``skull``: the sources show a head with skull (:func:`~phmdiff_cli.data.preprocess.shows_skull`).
 
         Returns:
             ``(mean, std, n_sampled)``: float32 ``(Z, H, W)`` in the model range (-1 where skipped), the std
@@ -388,7 +391,7 @@ class Synthesizer:
         while done < todo.size:
             z = todo[done : done + self.batch_size]
             start = time.perf_counter()
-            result = self._try_batch(volumes, pair, z)
+            result = self._try_batch(volumes, pair, skull, z)
             if result is None:  # out of memory: the failed batch's tensors are released by now
                 self._shrink_batch()
                 continue
@@ -411,13 +414,13 @@ class Synthesizer:
         return np.convolve(occupied, np.ones(2 * k + 1), mode="full")[k : k + occupied.size] > 0
 
     def _try_batch(
-        self, volumes: Sequence[np.ndarray], pair: Pair, z: np.ndarray
+        self, volumes: Sequence[np.ndarray], pair: Pair, skull: bool, z: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray | None] | None:
         """:meth:`_sample_batch`, or None on out-of-memory. Returning (rather than handling the error in the
         caller's ``except``) drops the exception and its traceback, whose frames hold the batch's tensors,
         before the caller frees the cache."""
         try:
-            return self._sample_batch(volumes, pair, z)
+            return self._sample_batch(volumes, pair, skull, z)
         except Exception as error:  # noqa: BLE001 - only out-of-memory is handled, the rest re-raised
             if not is_out_of_memory(error):
                 raise
@@ -437,7 +440,7 @@ class Synthesizer:
 
     @torch.inference_mode()
     def _sample_batch(
-        self, volumes: Sequence[np.ndarray], pair: Pair, z: np.ndarray
+        self, volumes: Sequence[np.ndarray], pair: Pair, skull: bool, z: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """Mean (and std) ``(len(z), H, W)`` float32 in the model range for slices ``z``."""
         cfg = self.pretrained.config
@@ -458,6 +461,7 @@ class Synthesizer:
                 sampler=self.sampler,
                 noise_seed=self.settings.seed,
                 samples=self.settings.samples,
+                skull=torch.full((len(z),), int(skull), dtype=torch.long, device=self.device),
             )
         if not bool(torch.isfinite(mean).all()):
             raise PhmdiffError(

@@ -264,8 +264,12 @@ class Trainer:
     # ------------------------------------------------------------------ setup
 
     def start_from(self, initial: Pretrained) -> None:
-        """Initial weights from a trained model of the same config (``--init``); the EMA starts from them."""
-        self.model.load_state_dict(initial.model.state_dict())
+        """Initial weights from a trained model of the same config (``--init``), a conditioning added by the run's
+        config (``skull_condition``) left at its zero start; the EMA starts from them."""
+        missing, unexpected = self.model.load_state_dict(initial.model.state_dict(), strict=False)
+        if unexpected or any(not key.startswith("skull_embed.") for key in missing):
+            raise PhmdiffError(f"{initial.path}: the model does not match the run's config",
+                               hint=f"missing {missing}, unexpected {unexpected}")
         if self.ema is not None:
             self.ema = EMA(self.model, self.settings.ema_decay)
 

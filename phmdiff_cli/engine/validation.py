@@ -97,8 +97,10 @@ def _synthesize(
         source = torch.stack([b["source"] for b in batch]).to(device)
         src_mod = torch.stack([b["src_mod"] for b in batch]).to(device)
         tgt_mod = torch.stack([b["tgt_mod"] for b in batch]).to(device)
+        skull = torch.stack([b["skull"] for b in batch]).to(device)
         with autocast(device, dtype):
-            pred, _ = sample(model, source, src_mod, tgt_mod, steps=steps, sampler=sampler, noise_seed=seed)
+            pred, _ = sample(model, source, src_mod, tgt_mod, steps=steps, sampler=sampler, noise_seed=seed,
+                             skull=skull)
         pred = pred.float().cpu().numpy()
         centre = dataset.k
         for i, key in enumerate(chunk):

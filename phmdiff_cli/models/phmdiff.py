@@ -61,6 +61,9 @@ class PHMDiff(nn.Module):
         self.target_embed = nn.Embedding(config.num_modalities, dim)
         # One entry per (slot, modality): the encoder must know which channels hold which contrast.
         self.source_embed = nn.Embedding(config.max_sources * config.num_modalities, dim)
+        # Whether the sources show a head with skull: the same T1 ranks mean other tissues in a head than in a
+        # skull-stripped brain. Zero-initialised, so a model it is added to starts as it was.
+        self.skull_embed = nn.Embedding(2, dim) if config.skull_condition else None
         self.blocks = nn.ModuleList(
             DiTBlock(dim, config.num_heads, dim, config.mlp_ratio) for _ in range(config.depth))
         self.decoder_embed = nn.Linear(dim, dec)
@@ -104,6 +107,8 @@ class PHMDiff(nn.Module):
             nn.init.zeros_(final.linear.weight)
         for head in self.refine or []:
             head.zero_init()
+        if self.skull_embed is not None:
+            nn.init.zeros_(self.skull_embed.weight)
 
     def forward(
         self,
@@ -116,6 +121,7 @@ class PHMDiff(nn.Module):
         *,
         level: int,
         keep: Tensor | None = None,
+        skull: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """One pyramid level.
 
@@ -129,12 +135,14 @@ class PHMDiff(nn.Module):
             tgt_mod: (B,) long target modality ids.
             level: pyramid level, 0 = coarsest.
             keep: (B, N_keep) long ascending indices of the tokens the encoder sees; None = all.
+            skull: (B,) long, 1 where the sources show a head with skull, 0 a brain (``config.skull_condition``);
+                None = all brains.
 
         Returns:
             ``(F, features)``: F (B, 1, h, w) raw output; features (B, N_keep, hidden) encoder tokens.
         """
         outs, feats = self.forward_levels([x], [noise_labels], [source], [coarse], src_mod, tgt_mod,
-                                          levels=[level], keeps=[keep])
+                                          levels=[level], keeps=[keep], skull=skull)
         return outs[0], feats[0]
 
     def forward_levels(
@@ -148,6 +156,7 @@ class PHMDiff(nn.Module):
         *,
         levels: Sequence[int],
         keeps: Sequence[Tensor | None],
+        skull: Tensor | None = None,
     ) -> tuple[list[Tensor], list[Tensor]]:
         """Several levels of the same samples (lists aligned with ``levels``; arguments as in
         :meth:`forward`).
@@ -164,7 +173,7 @@ class PHMDiff(nn.Module):
         stacks = [self._stack(x, source, coarse) for x, source, coarse in zip(xs, sources, coarses, strict=True)]
         for (num_tokens, _), idx in groups.items():
             tokens = torch.cat([self._embed(levels[i], stacks[i]) for i in idx])
-            c = torch.cat([self._condition(noise_labels[i], levels[i], src_mod, tgt_mod) for i in idx])
+            c = torch.cat([self._condition(noise_labels[i], levels[i], src_mod, tgt_mod, skull) for i in idx])
             keep = self._group_keep([keeps[i] for i in idx], num_tokens)
             h = self._encode(tokens, c, keep)
             # Same grid, so the first level's decoder position embedding serves the whole group.
@@ -185,12 +194,16 @@ class PHMDiff(nn.Module):
         tokens = self.patch_embed[level](patchify(stack, self.config.patch_sizes[level]))
         return tokens + getattr(self, f"pos_embed_{level}")
 
-    def _condition(self, noise_labels: Tensor, level: int, src_mod: Tensor, tgt_mod: Tensor) -> Tensor:
+    def _condition(self, noise_labels: Tensor, level: int, src_mod: Tensor, tgt_mod: Tensor,
+                   skull: Tensor | None = None) -> Tensor:
         """(B, hidden) adaLN conditioning vector."""
         slots = torch.arange(src_mod.shape[1], device=src_mod.device) * self.config.num_modalities
         level_ids = torch.full_like(tgt_mod, level)
-        return (self.t_embedder(noise_labels) + self.level_embed(level_ids) + self.target_embed(tgt_mod)
-                + self.source_embed(src_mod + slots).sum(dim=1))
+        c = (self.t_embedder(noise_labels) + self.level_embed(level_ids) + self.target_embed(tgt_mod)
+             + self.source_embed(src_mod + slots).sum(dim=1))
+        if self.skull_embed is not None:
+            c = c + self.skull_embed(torch.zeros_like(tgt_mod) if skull is None else skull)
+        return c
 
     @staticmethod
     def _group_keep(keeps: list[Tensor | None], num_tokens: int) -> Tensor | None:
