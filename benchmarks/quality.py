@@ -39,8 +39,9 @@ Methods (``--only`` picks some):
   foreground histogram of the same subject (an oracle histogram a user does not have: a strong bar).
 - ``--shipped PATH`` adds an already-trained model, with its own budget.
 
-PHMDiff models sample with their config's default steps (``--steps`` overrides) from ``last/``, and calibrate an
-MRI volume's contrast as ``phmdiff synthesize`` does where their config says so (``--contrast`` overrides). Networks run
+PHMDiff models sample with their config's default steps (``--steps`` overrides) from ``last/``; as ``phmdiff
+synthesize`` does, the output is background where no source has signal and an MRI volume's contrast is calibrated
+where their config says so (``--contrast`` overrides). Networks run
 under ``--precision auto``'s autocast, as ``phmdiff synthesize`` does. Single seed, one run each.
 
     pip install -e ".[bench]"     # monai-ddim's MONAI DiffusionModelUNet imports einops
@@ -71,10 +72,11 @@ from engine_speed import ROOT, machine
 from phmdiff_cli.cli.common import parse_steps
 from phmdiff_cli.data.slices import Pair, SliceDataset, parse_pairs
 from phmdiff_cli.diffusion import sample
-from phmdiff_cli.engine.contrast import calibrate_model_range, source_foreground
+from phmdiff_cli.engine.contrast import calibrate_model_range
 from phmdiff_cli.engine.device import autocast, resolve_precision
 from phmdiff_cli.engine.pretrained import load_pretrained
 from phmdiff_cli.engine.settings import load_settings
+from phmdiff_cli.engine.source_support import confine, source_foreground
 from phmdiff_cli.engine.train_data import load_data, slice_dataset
 from phmdiff_cli.engine.trainer import run_model_config
 from phmdiff_cli.engine.validation import item_scores
@@ -250,25 +252,28 @@ def phmdiff_method(name: str, model: Path, args: argparse.Namespace, budget_min:
     budget = budget_min if budget_min is not None else round(elapsed / 60, 1)
     steps = training.get("total_steps", training["steps"])
     evaluated = ",".join(p for p in EVAL_PAIRS.split(",") if parse_pairs(p)[0] in pre.pairs)
-    predict_volume = by_slices(predict, args.eval_batch, args.dtype)
-    if {"model": cfg.sampling.contrast, "on": True, "off": False}[args.contrast]:
-        predict_volume, settings["contrast"] = calibrated(predict_volume, pre.card["contrast"]), True
+    contrast = {"model": cfg.sampling.contrast, "on": True, "off": False}[args.contrast]
+    settings["contrast"] = contrast
+    predict_volume = as_synthesized(by_slices(predict, args.eval_batch, args.dtype),
+                                    pre.card["contrast"] if contrast else {})
     return Method(name, predict_volume, evaluated, budget, steps, params_of(pre.model), evals, settings, note)
 
 
-def calibrated(predict_volume: PredictVolume, reference: dict[str, float]) -> PredictVolume:
-    """``predict_volume`` with ``phmdiff synthesize``'s contrast calibration of an MRI target (the sources'
-    foreground, the card's ``reference`` ratio)."""
+def as_synthesized(predict_volume: PredictVolume, reference: dict[str, float]) -> PredictVolume:
+    """``predict_volume`` finished as ``phmdiff synthesize`` finishes a volume: background where no source has
+    signal, then the contrast calibration of an MRI target whose training ratio is in ``reference`` (the card's
+    ``contrast``; empty: none)."""
 
-    def predict_calibrated(dataset: SliceDataset, item: int) -> np.ndarray:
+    def predict_finished(dataset: SliceDataset, item: int) -> np.ndarray:
         subject, pair = dataset.items[item]
-        pred = predict_volume(dataset, item)
+        sources = [np.asarray(dataset.array(subject, m), dtype=np.float32) for m in pair.sources]
+        foreground = source_foreground(sources, pair.sources)
+        pred = confine(predict_volume(dataset, item), None, foreground)[0]
         if pair.target not in reference:
             return pred
-        sources = [np.asarray(dataset.array(subject, m), dtype=np.float32) for m in pair.sources]
-        return calibrate_model_range(pred, None, source_foreground(sources, pair.sources), reference[pair.target])[0]
+        return calibrate_model_range(pred, None, foreground, reference[pair.target])[0]
 
-    return predict_calibrated
+    return predict_finished
 
 
 def train_command(name: str, args: argparse.Namespace) -> list[str]:

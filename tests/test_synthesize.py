@@ -10,12 +10,14 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 from io_helpers import sitk_series
+from scipy import ndimage
 from synthesize_helpers import T1N, T2W, correlation, crop_z, identity_sample, records, run, write_tiny_model
 
 from phmdiff_cli.data.grid import ModelGrid
-from phmdiff_cli.data.normalize import fit_intensity, normalize_source
+from phmdiff_cli.data.normalize import fit_intensity, foreground_mask, normalize_source
 from phmdiff_cli.data.preprocess import prepare_volume
 from phmdiff_cli.engine import synthesizer
+from phmdiff_cli.engine.source_support import SUPPORT_MARGIN
 from phmdiff_cli.errors import EXIT_BAD_INPUT
 from phmdiff_cli.io import read_volume
 from phmdiff_cli.io.dicom_read import is_dicom_file
@@ -180,6 +182,28 @@ def test_samples_write_a_standard_deviation_map(small_t1n: Path, tmp_path: Path,
     mean, spread = read_volume(out), read_volume(std)
     assert spread.same_grid(mean, tol=1e-6) and spread.array.dtype == np.float32
     assert spread.array.min() >= 0 and spread.array.max() > 0
+
+
+def test_no_output_where_no_source_has_signal(small_t1n: Path, tmp_path: Path, model: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A network that paints a haze over the whole field of view (as one tuned on raw heads' noisy air did) still
+    writes background more than ``SUPPORT_MARGIN`` model voxels (+ one for the linear restore) from the source's
+    foreground, and keeps its output inside."""
+
+    def hazy(model, source, *args, **kwargs):
+        mean, std = identity_sample(model, source, *args, **kwargs)
+        return mean.clamp(min=-0.8), std  # background -1 raised to -0.8: a tenth of the output's scale
+
+    monkeypatch.setattr(synthesizer, "sample", hazy)
+    out = tmp_path / "t2w.nii.gz"
+    assert run("--src", small_t1n, "--target", "t2w", "-o", out, "--model", model).exit_code == 0
+    source, output = read_volume(small_t1n), read_volume(out).array
+    foreground = foreground_mask(source.array.astype(np.float32), "t1n")
+    # distances in mm on the source grid (array axes z, y, x); the tiny model's voxels are 3.75 mm
+    distance = ndimage.distance_transform_edt(~foreground, sampling=source.spacing[::-1])
+    far, near = distance > (SUPPORT_MARGIN + 1) * 3.75 * np.sqrt(3), (distance > 0) & (distance < 3.75)
+    assert far.sum() > 0.3 * far.size and np.all(output[far] == 0.0)
+    assert np.median(output[near]) > 0.05 * output.max()  # the haze is kept next to the head, where it may be
 
 
 def test_sources_on_other_grids_are_resampled_onto_the_first(

@@ -18,15 +18,13 @@ at 0 and every value non-negative. ``r_ref`` is the mean ratio over the training
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import numpy as np
 
-from phmdiff_cli.data.normalize import CT_WINDOW_HU, MRI_PERCENTILE, background_level, foreground_mask
-from phmdiff_cli.modalities import is_ct
+from phmdiff_cli.data.normalize import MRI_PERCENTILE, background_level, foreground_mask
 
-__all__ = ["GAMMA_LIMITS", "calibrate", "calibrate_model_range", "median_ratio", "reference_ratio",
-           "source_foreground"]
+__all__ = ["GAMMA_LIMITS", "calibrate", "calibrate_model_range", "median_ratio", "reference_ratio"]
 
 #: The power law's exponent is kept in this range: a prediction far outside it is not a contrast mismatch.
 GAMMA_LIMITS = (0.25, 4.0)
@@ -50,17 +48,6 @@ def reference_ratio(volumes: Iterable[np.ndarray], modality: str) -> float:
     if not ratios:
         raise ValueError(f"no {modality} volume with a foreground to measure the contrast of")
     return float(np.mean(ratios))
-
-
-def source_foreground(sources: Sequence[np.ndarray], modalities: Sequence[str]) -> np.ndarray:
-    """Boolean foreground of the union of the prepared sources, each ``(Z, H, W)`` in the model range [-1, 1]
-    (as :func:`~phmdiff_cli.data.preprocess.prepare_volume` gives it, before any rank normalisation)."""
-    mask = np.zeros(sources[0].shape, dtype=bool)
-    for array, modality in zip(sources, modalities, strict=True):
-        unit = (np.asarray(array, dtype=np.float32) + 1.0) * 0.5
-        low, high = CT_WINDOW_HU
-        mask |= foreground_mask(unit * (high - low) + low if is_ct(modality) else unit, modality)
-    return mask
 
 
 def calibrate(unit: np.ndarray, foreground: np.ndarray, reference: float) -> tuple[np.ndarray, float]:
@@ -89,7 +76,8 @@ def calibrate_model_range(mean: np.ndarray, std: np.ndarray | None, foreground: 
 
     Args:
         mean: ``(Z, H, W)`` float32 in [-1, 1], background -1. std: its per-voxel standard deviation over draws
-            (model-range units) or None. foreground: ``(Z, H, W)`` bool (:func:`source_foreground`).
+            (model-range units) or None.
+        foreground: ``(Z, H, W)`` bool (:func:`~phmdiff_cli.engine.source_support.source_foreground`).
         reference: the target's training ratio (the card's ``contrast``).
 
     Returns:

@@ -4,8 +4,9 @@ The path of a case: sources resampled onto the first source's grid (when they ar
 :func:`~phmdiff_cli.data.preprocess.prepare_volume` and
 :func:`~phmdiff_cli.data.normalize.normalize_source` (the same preprocessing as training) -> batches of axial
 slices with their 2.5D context (:func:`~phmdiff_cli.data.slices.source_stack`) -> the pyramid sampler with one
-seeded noise shared by every slice -> :func:`~phmdiff_cli.data.preprocess.restore_volume` on the first
-source's grid, in file units.
+seeded noise shared by every slice -> background where no source has signal
+(:func:`~phmdiff_cli.engine.source_support.confine`) -> :func:`~phmdiff_cli.data.preprocess.restore_volume` on
+the first source's grid, in file units.
 
 Output units: CT in Hounsfield units (int16, the model's window [-1024, 3000] HU). MRI has no absolute unit,
 so a synthesized MRI is written on the first MRI source's scale: the model range [-1, 1] maps to [0, hi],
@@ -37,10 +38,11 @@ from phmdiff_cli.data.preprocess import (
 )
 from phmdiff_cli.data.slices import Pair, source_stack
 from phmdiff_cli.diffusion import sample
-from phmdiff_cli.engine.contrast import calibrate_model_range, source_foreground
+from phmdiff_cli.engine.contrast import calibrate_model_range
 from phmdiff_cli.engine.device import autocast, configure_backends
 from phmdiff_cli.engine.input_domain import check, measure
 from phmdiff_cli.engine.pretrained import Pretrained
+from phmdiff_cli.engine.source_support import confine, source_foreground
 from phmdiff_cli.errors import EXIT_INTERNAL, InputError, PhmdiffError
 from phmdiff_cli.io import Volume, canonical_grid
 from phmdiff_cli.modalities import is_ct, modality_id
@@ -305,6 +307,8 @@ class Synthesizer:
         mean, std, todo = self._sample_volume(volumes, pair, skull, on_batch)
         seconds["sample"] = time.perf_counter() - start
         seconds["sample_cpu"] = time.process_time() - cpu_start  # all threads: busy cores x wall time
+        foreground = source_foreground([by_modality[m].array for m in pair.sources], pair.sources)
+        mean, std = confine(mean, std, foreground)
         gamma = None
         if self.contrast and target in self.contrast_reference:
             if warned and self.settings.contrast is None:
@@ -312,7 +316,6 @@ class Synthesizer:
                 notes.append("contrast calibration skipped: the sources are unlike the training images (see the "
                              "warnings); --contrast applies it anyway")
             else:
-                foreground = source_foreground([by_modality[m].array for m in pair.sources], pair.sources)
                 mean, std, gamma = calibrate_model_range(mean, std, foreground, self.contrast_reference[target])
 
         start = time.perf_counter()
