@@ -18,11 +18,14 @@ import quality  # noqa: E402  (a script folder, not a package)
 
 
 class _Volume:
-    """A stand-in for a validation SliceDataset: one item, a subject of ``depth`` empty slices."""
+    """A stand-in for a validation SliceDataset: one T1 -> T2 item, a subject of ``depth`` empty slices."""
 
     def __init__(self, depth: int) -> None:
-        self.items = [(0, None)]
+        self.items = [(0, quality.Pair(("t1n",), "t2w"))]
         self.subjects = [argparse.Namespace(depth=depth)]
+
+    def array(self, subject: int, modality: str) -> np.ndarray:
+        return np.full((self.subjects[subject].depth, 8, 8), -1.0, dtype=np.float32)
 
     def __getitem__(self, key: tuple[int, int, int]) -> dict[str, torch.Tensor]:
         return {"source": torch.zeros(3, 3, 8, 8), "src_mod": torch.zeros(3), "tgt_mod": torch.zeros(())}
@@ -58,7 +61,6 @@ class _Subject(_Volume):
 
     def __init__(self, depth: int) -> None:
         super().__init__(depth)
-        self.items = [(0, quality.Pair(("t1n",), "t2w"))]
         self.t1 = np.broadcast_to(np.linspace(-0.8, 1.0, 64, dtype=np.float32).reshape(8, 8), (depth, 8, 8))
 
     def array(self, subject: int, modality: str) -> np.ndarray:

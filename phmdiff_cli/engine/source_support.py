@@ -2,10 +2,10 @@
 
 A network can write faint values where every source is empty: a model fine-tuned on raw heads learned the noise
 of their air and painted it around every brain. A viewer shows that as a haze, and a volume scaled by its own
-foreground percentile (``phmdiff eval``'s MRI scale) counts it as tissue: on TCGA-DU-7294 it cost such a model
-2.9 dB, of which setting the output to background outside the T1's foreground dilated by 2 voxels gave back 1.8,
-while a model without the haze scored the same (benchmarks/README.md, "Why the brains lose"). Nothing is known
-about the target where no source has signal, so the output is background there.
+foreground percentile (``phmdiff eval``'s MRI scale) counts it as tissue and scores the whole brain too bright.
+On TCGA-DU-7294 :func:`confine` gave such a model back 2.9 dB (T1 -> T2), while the default model, without a
+haze, scored the same (benchmarks/README.md, "The output confined to the sources"). Nothing is known about the
+target where no source has signal, so the output is background there.
 """
 
 from __future__ import annotations
