@@ -41,7 +41,8 @@ Methods (``--only`` picks some):
 
 PHMDiff models sample with their config's default steps (``--steps`` overrides) from ``last/``; as ``phmdiff
 synthesize`` does, the output is background where no source has signal and an MRI volume's contrast is calibrated
-where their config says so (``--contrast`` overrides). Networks run
+where their config says so (``--contrast`` overrides), after the sources' detail where their config adds it
+(``--source-detail`` overrides). Networks run
 under ``--precision auto``'s autocast, as ``phmdiff synthesize`` does. Single seed, one run each.
 
     pip install -e ".[bench]"     # monai-ddim's MONAI DiffusionModelUNet imports einops
@@ -76,6 +77,7 @@ from phmdiff_cli.engine.contrast import calibrate_model_range
 from phmdiff_cli.engine.device import autocast, resolve_precision
 from phmdiff_cli.engine.pretrained import load_pretrained
 from phmdiff_cli.engine.settings import load_settings
+from phmdiff_cli.engine.source_detail import add_source_detail
 from phmdiff_cli.engine.source_support import confine, source_foreground
 from phmdiff_cli.engine.train_data import load_data, slice_dataset
 from phmdiff_cli.engine.trainer import run_model_config
@@ -253,22 +255,25 @@ def phmdiff_method(name: str, model: Path, args: argparse.Namespace, budget_min:
     steps = training.get("total_steps", training["steps"])
     evaluated = ",".join(p for p in EVAL_PAIRS.split(",") if parse_pairs(p)[0] in pre.pairs)
     contrast = {"model": cfg.sampling.contrast, "on": True, "off": False}[args.contrast]
-    settings["contrast"] = contrast
+    detail = {"model": cfg.sampling.source_detail, "on": True, "off": False}[args.source_detail]
+    settings["contrast"], settings["source_detail"] = contrast, detail
     predict_volume = as_synthesized(by_slices(predict, args.eval_batch, args.dtype),
-                                    pre.card["contrast"] if contrast else {})
+                                    pre.card["contrast"] if contrast else {}, detail)
     return Method(name, predict_volume, evaluated, budget, steps, params_of(pre.model), evals, settings, note)
 
 
-def as_synthesized(predict_volume: PredictVolume, reference: dict[str, float]) -> PredictVolume:
-    """``predict_volume`` finished as ``phmdiff synthesize`` finishes a volume: background where no source has
-    signal, then the contrast calibration of an MRI target whose training ratio is in ``reference`` (the card's
-    ``contrast``; empty: none)."""
+def as_synthesized(predict_volume: PredictVolume, reference: dict[str, float], detail: bool = False
+                   ) -> PredictVolume:
+    """``predict_volume`` finished as ``phmdiff synthesize`` finishes a volume: the sources' detail added where
+    ``detail``, background where no source has signal, then the contrast calibration of an MRI target whose
+    training ratio is in ``reference`` (the card's ``contrast``; empty: none)."""
 
     def predict_finished(dataset: SliceDataset, item: int) -> np.ndarray:
         subject, pair = dataset.items[item]
         sources = [np.asarray(dataset.array(subject, m), dtype=np.float32) for m in pair.sources]
         foreground = source_foreground(sources, pair.sources)
-        pred = confine(predict_volume(dataset, item), None, foreground)[0]
+        pred = predict_volume(dataset, item)
+        pred = confine(add_source_detail(pred, sources) if detail else pred, None, foreground)[0]
         if pair.target not in reference:
             return pred
         return calibrate_model_range(pred, None, foreground, reference[pair.target])[0]
@@ -403,6 +408,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "only with --only '' (the --shipped model alone: the baselines and runs serve the default)")
     parser.add_argument("--contrast", choices=("model", "on", "off"), default="model", help="contrast calibration "
                         "of PHMDiff volumes (phmdiff synthesize --contrast): each model's default, on or off")
+    parser.add_argument("--source-detail", choices=("model", "on", "off"), default="model", help="the sources' "
+                        "detail in PHMDiff volumes (phmdiff synthesize --source-detail): model default, on or off")
     parser.add_argument("--ddim-steps", type=int, default=20, help="DDIM steps of monai-ddim (default 20)")
     parser.add_argument("--batch", type=lambda t: per_method(t, int), default={},
                         help=f"NAME=N,... batch sizes (default {DEFAULT_BATCH} for all)")

@@ -127,6 +127,9 @@ class SamplingConfig:
             ``contrast``; :mod:`~phmdiff_cli.engine.contrast`): on for a regression whose bright tail shrinks,
             off where it did not help (measured per model, benchmarks/README.md). Whole volumes only: training
             validation, on a few slices, scores the network's output as it is.
+        source_detail: add the sources' fine detail to a synthesized volume in the proportion it follows them
+            locally (:mod:`~phmdiff_cli.engine.source_detail`): on where it was measured to help (a regression's
+            blurred mean), before the output is confined and calibrated. Whole volumes only, as ``contrast``.
     """
 
     sampler: str = "heun"
@@ -136,6 +139,7 @@ class SamplingConfig:
     rho: float = 7.0
     coarse_noise: float = 0.0
     contrast: bool = False
+    source_detail: bool = False
 
 
 @dataclass

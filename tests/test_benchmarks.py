@@ -42,7 +42,7 @@ def test_quality_samples_with_the_sampler_steps_and_reports_the_total_training(
 
     monkeypatch.setattr(quality, "sample", fake_sample)
     args = argparse.Namespace(steps=None, seed=0, eval_batch=4, dtype=None, val_subjects=["TCGA-DU-7294"],
-                              contrast="model")
+                              contrast="model", source_detail="model")
     fine_tuned = SHIPPED_WEIGHTS / "brain-small"  # trained with --init: its card counts both runs
     method = quality.phmdiff_method("shipped", fine_tuned, args, None)
     volume = method.predict(_Volume(depth=10), 0)  # type: ignore[arg-type]
@@ -79,9 +79,10 @@ def test_quality_calibrates_the_default_models_contrast_as_synthesize_does(monke
     volumes = {}
     for mode in ("model", "off"):
         args = argparse.Namespace(steps=None, seed=0, eval_batch=4, dtype=None, val_subjects=["TCGA-DU-7294"],
-                                  contrast=mode)
+                                  contrast=mode, source_detail="model")
         method = quality.phmdiff_method("shipped", SHIPPED_WEIGHTS / DEFAULT_MODEL, args, None)
         assert method.settings.get("contrast", False) == (mode == "model")
+        assert method.settings["source_detail"] is card["model"]["sampling"]["source_detail"] is True
         volumes[mode] = (method.predict(_Subject(depth=6), 0) + 1) / 2  # type: ignore[arg-type]
     raw, calibrated = volumes["off"].ravel(), volumes["model"].ravel()
     ratio = np.median(calibrated) / np.percentile(calibrated, 99.5)

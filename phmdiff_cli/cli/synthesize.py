@@ -311,6 +311,10 @@ def synthesize(
         "99.5th percentile) to the training targets' by one power law; default: the model's (on for brain-sharp, "
         "skipped for sources it warns about)."
     ),
+    source_detail: bool | None = typer.Option(
+        None, "--source-detail/--no-source-detail", help="Add the sources' fine detail where the output follows "
+        "them locally (a 5-voxel linear fit); default: the model's (on for brain-sharp)."
+    ),
     batch_size: int | None = typer.Option(
         None,
         "--batch-size",
@@ -356,7 +360,7 @@ def synthesize(
 
     target = canonical_modality(target)
     modalities = [canonical_modality(m) for m in src_modality or []]
-    settings = SynthesisSettings(parse_steps(steps), sampler, seed, samples, batch_size, contrast)
+    settings = SynthesisSettings(parse_steps(steps), sampler, seed, samples, batch_size, contrast, source_detail)
     if uncertainty and samples < 2:
         raise InputError("--uncertainty needs several draws", hint="add --samples 2 (or more)")
     if bool(src) == bool(list_file):
@@ -385,6 +389,7 @@ def synthesize(
         "sampler": synth.sampler if synth else None,
         "batch_size": synth.batch_size if synth else None,
         "model": str(pretrained.path) if pretrained else model,
+        "source_detail": synth.source_detail if synth else None,
         "weights_sha256": pretrained.card.get("sha256") if pretrained else None,
     }
     if synth is not None and not quiet:

@@ -42,6 +42,7 @@ from phmdiff_cli.engine.contrast import calibrate_model_range
 from phmdiff_cli.engine.device import autocast, configure_backends
 from phmdiff_cli.engine.input_domain import check, measure
 from phmdiff_cli.engine.pretrained import Pretrained
+from phmdiff_cli.engine.source_detail import add_source_detail
 from phmdiff_cli.engine.source_support import confine, source_foreground
 from phmdiff_cli.errors import EXIT_INTERNAL, InputError, PhmdiffError
 from phmdiff_cli.io import Volume, canonical_grid
@@ -94,6 +95,9 @@ class SynthesisSettings:
             None for the model's default (``config.sampling.contrast``), which skips it for sources outside the
             card's ``input_domain`` (the reference ratio holds for brains like the training ones: on raw clinical
             heads, with or without a brain mask, it cost 0.4-2.5 dB; benchmarks/README.md).
+        source_detail: add the sources' fine detail where the output follows them
+            (:mod:`~phmdiff_cli.engine.source_detail`); None for the model's default
+            (``config.sampling.source_detail``).
     """
 
     steps: int | tuple[int, ...] | None = None
@@ -102,6 +106,7 @@ class SynthesisSettings:
     samples: int = 1
     batch_size: int | None = None
     contrast: bool | None = None
+    source_detail: bool | None = None
 
 
 @dataclass
@@ -117,8 +122,8 @@ class Synthesis:
         slices: axial slices of the volume; ``skipped`` of them had only background in their 2.5D context and
             were set to the background (air) without running the model.
         batch_size: the batch size in the end (halved on out-of-memory).
-        seconds: ``prepare``, ``sample`` and ``restore`` wall times, and ``sample_cpu``, the CPU time of all
-            threads while sampling.
+        seconds: ``prepare``, ``sample``, ``source_detail`` (where it ran) and ``restore`` wall times, and
+            ``sample_cpu``, the CPU time of all threads while sampling.
         notes: what was done to the inputs that the user should know (resampling, grid crop).
         warnings: where the inputs differ from what the model was trained on (the card's ``input_domain``), what
             that means and what to do; empty for inputs like the training images.
@@ -242,6 +247,7 @@ class Synthesizer:
             raise InputError(f"samples must be at least 1, got {settings.samples}")
         self.contrast = cfg.sampling.contrast if settings.contrast is None else settings.contrast
         self.contrast_reference: dict[str, float] = pretrained.card.get("contrast", {})
+        self.source_detail = cfg.sampling.source_detail if settings.source_detail is None else settings.source_detail
         if self.contrast and not self.contrast_reference:
             raise InputError(f"{pretrained.path}: the model card has no contrast reference",
                              hint="leave out --contrast: the card predates the measurement (ship or train it again)")
@@ -307,6 +313,10 @@ class Synthesizer:
         mean, std, todo = self._sample_volume(volumes, pair, skull, on_batch)
         seconds["sample"] = time.perf_counter() - start
         seconds["sample_cpu"] = time.process_time() - cpu_start  # all threads: busy cores x wall time
+        if self.source_detail:
+            start = time.perf_counter()
+            mean = add_source_detail(mean, [by_modality[m].array for m in pair.sources])
+            seconds["source_detail"] = time.perf_counter() - start
         foreground = source_foreground([by_modality[m].array for m in pair.sources], pair.sources)
         mean, std = confine(mean, std, foreground)
         gamma = None
