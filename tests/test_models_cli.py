@@ -73,6 +73,18 @@ def test_info_prints_the_card(weights: Path) -> None:
         assert line in text.stdout, text.stdout
 
 
+def test_info_names_the_finishing_steps_each_shipped_card_turns_on() -> None:
+    """brain-sharp's card adds the sources' detail and calibrates the contrast; brain-small's does neither."""
+    shipped = Path(__file__).resolve().parents[1] / "weights"
+    lines = {}
+    for name in ("brain-sharp", "brain-small"):
+        text = runner.invoke(app, ["models", "info", str(shipped / name)], env={"COLUMNS": "250"})
+        assert text.exit_code == 0, text.output
+        lines[name] = next(r for r in text.stdout.splitlines() if r.startswith("Grid"))
+    assert "the sources' detail added" in lines["brain-sharp"] and "contrast calibrated" in lines["brain-sharp"]
+    assert "detail" not in lines["brain-small"] and "contrast" not in lines["brain-small"]
+
+
 def test_info_is_a_card_for_people(weights: Path) -> None:
     """Per-subject validation, the data's licences, intended use and limitations, readable at 80 columns."""
     scores = {"psnr": 19.41, "ssim": 0.669, "sharpness": 0.72}
