@@ -313,11 +313,12 @@ class Synthesizer:
         mean, std, todo = self._sample_volume(volumes, pair, skull, on_batch)
         seconds["sample"] = time.perf_counter() - start
         seconds["sample_cpu"] = time.process_time() - cpu_start  # all threads: busy cores x wall time
+        on_grid = [by_modality[m].array for m in pair.sources]  # the prepared sources, before rank normalisation
         if self.source_detail:
             start = time.perf_counter()
-            mean = add_source_detail(mean, [by_modality[m].array for m in pair.sources])
+            mean = add_source_detail(mean, on_grid)
             seconds["source_detail"] = time.perf_counter() - start
-        foreground = source_foreground([by_modality[m].array for m in pair.sources], pair.sources)
+        foreground = source_foreground(on_grid, pair.sources)
         mean, std = confine(mean, std, foreground)
         gamma = None
         if self.contrast and target in self.contrast_reference:
