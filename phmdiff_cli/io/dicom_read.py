@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import SimpleITK as sitk
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 
 from phmdiff_cli.errors import InputError
 from phmdiff_cli.io.dicom_stack import (
@@ -50,6 +51,10 @@ PATIENT_STUDY_TAGS = (
 #: Source tags kept in ``Volume.meta['dicom']``.
 SOURCE_TAGS = (*PATIENT_STUDY_TAGS, "SeriesInstanceUID", "SeriesNumber", "SeriesDescription", "Modality",
                "Laterality")
+#: What pydicom raises, when an element is read or its value converted, for bytes that are not what they claim
+#: (pydicom parses lazily, so these surface wherever a tag is first touched).
+MALFORMED = (ValueError, TypeError, KeyError, IndexError, OSError, EOFError, NotImplementedError, struct.error,
+             BytesLengthException)
 
 
 @dataclass
@@ -90,9 +95,11 @@ def _header(path: Path) -> pydicom.Dataset | None:
         return None
     try:
         header = pydicom.dcmread(path, stop_before_pixels=True)
+        for _ in header.iterall():  # parse every element now: pydicom defers it to the first access
+            pass
         header.filename = str(path)
         return header
-    except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError, NotImplementedError) as error:
+    except (InvalidDicomError, *MALFORMED) as error:
         raise InputError(
             f"damaged DICOM file ({type(error).__name__}: {str(error)[:120]})", path=path
         ) from None
@@ -220,8 +227,12 @@ def _frame_pixels(stack: SliceStack) -> np.ndarray:
     for index, frame in enumerate(header.PerFrameFunctionalGroupsSequence):
         found = frame.get("PixelValueTransformationSequence") or shared.get("PixelValueTransformationSequence")
         transform = found[0] if found else header
-        slope = float(transform.get("RescaleSlope") or 1.0)
-        scaled[index] = array[index] * slope + float(transform.get("RescaleIntercept") or 0.0)
+        try:
+            slope = float(transform.get("RescaleSlope") or 1.0)
+            intercept = float(transform.get("RescaleIntercept") or 0.0)
+        except MALFORMED as error:
+            raise InputError(f"malformed rescale of frame {index + 1} ({str(error)[:120]})", path=path) from None
+        scaled[index] = array[index] * slope + intercept
     return scaled[stack.frames]
 
 
@@ -255,7 +266,7 @@ def read_dicom(path: str | Path, *, series_uid: str | None = None) -> Volume:
     # Series-level problems name what the user gave: the folder, or the file that stands for its series.
     try:
         stack = slice_stack(series.headers, path)
-    except (ValueError, TypeError, KeyError, IndexError) as error:  # a tag whose value cannot be what it names
+    except MALFORMED as error:  # a tag whose value cannot be what it names, or cannot be parsed at all
         raise InputError(f"malformed DICOM header ({error})", path=path) from None
     even, tilted = classify_steps(stack, path)
     array = _pixels(stack, path)

@@ -207,7 +207,17 @@ def classify_steps(stack: SliceStack, folder: Path) -> tuple[bool, bool]:
             hint="copy the complete series",
         )
     offsets = stack.positions - stack.positions[0] - np.outer(stack.depths - stack.depths[0], stack.normal)
-    tilted = bool(np.abs(offsets).max() > _SHIFT_TOL_MM)
+    shift = float(np.linalg.norm(offsets, axis=1).max())
+    field = min(stack.shape[0] * stack.pixel_spacing[1], stack.shape[1] * stack.pixel_spacing[0])  # mm
+    if shift > field:
+        # A real gantry tilt shifts the last slice by a fraction of the field of view; more than all of it
+        # means positions that do not describe one volume (and a resampling grid too large to allocate).
+        raise InputError(
+            f"the slices are shifted in-plane by up to {shift:.0f} mm, more than the field of view "
+            f"({field:.0f} mm): not one tilted volume",
+            path=folder,
+        )
+    tilted = shift > _SHIFT_TOL_MM
     return even, tilted
 
 
