@@ -130,6 +130,9 @@ class SamplingConfig:
         source_detail: add the sources' fine detail to a synthesized volume in the proportion it follows them
             locally (:mod:`~phmdiff_cli.engine.source_detail`): on where it was measured to help (a regression's
             blurred mean), before the output is confined and calibrated. Whole volumes only, as ``contrast``.
+        mirror: average each slice's synthesis with that of its left-right mirrored sources, mirrored back
+            (test-time mirroring; :func:`~phmdiff_cli.diffusion.sampling.sample`): twice the network's
+            evaluations, on where it was measured to help.
     """
 
     sampler: str = "heun"
@@ -140,6 +143,7 @@ class SamplingConfig:
     coarse_noise: float = 0.0
     contrast: bool = False
     source_detail: bool = False
+    mirror: bool = False
 
 
 @dataclass

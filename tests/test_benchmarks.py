@@ -34,23 +34,28 @@ class _Volume:
 def test_quality_samples_with_the_sampler_steps_and_reports_the_total_training(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    calls: list[list[int]] = []
+    calls: list[tuple[list[int], object]] = []
 
     def fake_sample(model: object, source: torch.Tensor, *args: object, steps: list[int], **kw: object) -> tuple:
-        calls.append(steps)
+        calls.append((steps, kw.get("mirror")))
         return (torch.zeros(source.shape[0], 1, *source.shape[-2:]),)
 
     monkeypatch.setattr(quality, "sample", fake_sample)
     args = argparse.Namespace(steps=None, seed=0, eval_batch=4, dtype=None, val_subjects=["TCGA-DU-7294"],
-                              contrast="model", source_detail="model")
+                              contrast="model", source_detail="model", mirror="model")
     fine_tuned = SHIPPED_WEIGHTS / "brain-small"  # trained with --init: its card counts both runs
     method = quality.phmdiff_method("shipped", fine_tuned, args, None)
     volume = method.predict(_Volume(depth=10), 0)  # type: ignore[arg-type]
     assert volume.shape == (10, 8, 8)
     card = quality.load_pretrained(fine_tuned)
     training = card.card["training"]
-    assert calls == [list(card.config.sampling.steps)] * 3  # batches of 4, 4, 2; the card's schedule
+    # batches of 4, 4, 2; the card's schedule, unmirrored as its card says
+    assert calls == [(list(card.config.sampling.steps), False)] * 3
     assert method.evals == sum(card.config.sampling.steps)  # Euler: one evaluation per step
+    mirrored = quality.phmdiff_method("shipped", fine_tuned, argparse.Namespace(**{**vars(args), "mirror": "on"}),
+                                      None)
+    mirrored.predict(_Volume(depth=2), 0)  # type: ignore[arg-type]
+    assert calls[-1][1] is True and mirrored.evals == 2 * method.evals
     assert method.steps == training["steps"] + training["init"]["steps"]  # the fine-tune and its initial model
     assert method.budget_min == round((training["elapsed_s"] + training["init"]["elapsed_s"]) / 60, 1)
     assert method.pairs == quality.EVAL_PAIRS  # the shipped model serves both evaluated pairs
@@ -79,10 +84,11 @@ def test_quality_calibrates_the_default_models_contrast_as_synthesize_does(monke
     volumes = {}
     for mode in ("model", "off"):
         args = argparse.Namespace(steps=None, seed=0, eval_batch=4, dtype=None, val_subjects=["TCGA-DU-7294"],
-                                  contrast=mode, source_detail="model")
+                                  contrast=mode, source_detail="model", mirror="model")
         method = quality.phmdiff_method("shipped", SHIPPED_WEIGHTS / DEFAULT_MODEL, args, None)
         assert method.settings.get("contrast", False) == (mode == "model")
         assert method.settings["source_detail"] is card["model"]["sampling"]["source_detail"] is True
+        assert method.settings["mirror"] is card["model"]["sampling"]["mirror"] is True
         volumes[mode] = (method.predict(_Subject(depth=6), 0) + 1) / 2  # type: ignore[arg-type]
     raw, calibrated = volumes["off"].ravel(), volumes["model"].ravel()
     ratio = np.median(calibrated) / np.percentile(calibrated, 99.5)

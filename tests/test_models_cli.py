@@ -74,15 +74,17 @@ def test_info_prints_the_card(weights: Path) -> None:
 
 
 def test_info_names_the_finishing_steps_each_shipped_card_turns_on() -> None:
-    """brain-sharp's card adds the sources' detail and calibrates the contrast; brain-small's does neither."""
+    """brain-sharp's card mirrors, adds the sources' detail and calibrates the contrast; brain-small's does none."""
     shipped = Path(__file__).resolve().parents[1] / "weights"
     lines = {}
     for name in ("brain-sharp", "brain-small"):
         text = runner.invoke(app, ["models", "info", str(shipped / name)], env={"COLUMNS": "250"})
         assert text.exit_code == 0, text.output
         lines[name] = next(r for r in text.stdout.splitlines() if r.startswith("Grid"))
-    assert "the sources' detail added" in lines["brain-sharp"] and "contrast calibrated" in lines["brain-sharp"]
-    assert "detail" not in lines["brain-small"] and "contrast" not in lines["brain-small"]
+    for step in ("left-right mirror", "the sources' detail added", "contrast calibrated"):
+        assert step in lines["brain-sharp"], lines["brain-sharp"]
+    for word in ("mirror", "detail", "contrast"):
+        assert word not in lines["brain-small"], lines["brain-small"]
 
 
 def test_info_is_a_card_for_people(weights: Path) -> None:

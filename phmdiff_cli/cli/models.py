@@ -126,6 +126,7 @@ def _print_card(out: Console, model: str, summary: dict[str, Any], card: dict[st
     sampling = cfg.get("sampling", {})
     out.print(f"[bold]Grid[/] {_grid(card['grid'])}, {cfg.get('levels', '?')} pyramid levels; sampler "
               f"{sampling.get('sampler', '?')} {','.join(map(str, sampling.get('steps', [])))} steps per level"
+              + ("; averaged with its left-right mirror" if sampling.get("mirror") else "")
               + ("; the sources' detail added" if sampling.get("source_detail") else "")
               + ("; MRI contrast calibrated to the training targets'" if sampling.get("contrast") else ""))
     subjects = training.get("subjects", {})

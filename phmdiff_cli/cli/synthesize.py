@@ -315,6 +315,10 @@ def synthesize(
         None, "--source-detail/--no-source-detail", help="Add the sources' fine detail where the output follows "
         "them locally (a 5-voxel linear fit); default: the model's (on for brain-sharp)."
     ),
+    mirror: bool | None = typer.Option(
+        None, "--mirror/--no-mirror", help="Average with the synthesis from the left-right mirrored sources "
+        "(twice the network's work); default: the model's (on for brain-sharp)."
+    ),
     batch_size: int | None = typer.Option(
         None,
         "--batch-size",
@@ -360,7 +364,8 @@ def synthesize(
 
     target = canonical_modality(target)
     modalities = [canonical_modality(m) for m in src_modality or []]
-    settings = SynthesisSettings(parse_steps(steps), sampler, seed, samples, batch_size, contrast, source_detail)
+    settings = SynthesisSettings(parse_steps(steps), sampler, seed, samples, batch_size, contrast, source_detail,
+                                 mirror)
     if uncertainty and samples < 2:
         raise InputError("--uncertainty needs several draws", hint="add --samples 2 (or more)")
     if bool(src) == bool(list_file):
@@ -390,6 +395,7 @@ def synthesize(
         "batch_size": synth.batch_size if synth else None,
         "model": str(pretrained.path) if pretrained else model,
         "source_detail": synth.source_detail if synth else None,
+        "mirror": synth.mirror if synth else None,
         "weights_sha256": pretrained.card.get("sha256") if pretrained else None,
     }
     if synth is not None and not quiet:

@@ -60,6 +60,7 @@ def sample(
     generator: torch.Generator | None = None,
     samples: int = 1,
     skull: Tensor | None = None,
+    mirror: bool | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Synthesize target slices, coarse to fine, with the deterministic EDM ODE solver (the finer levels from
     the coarser sample noised to ``DiffusionConfig.refine_sigma`` when it is set, else from pure noise).
@@ -81,16 +82,24 @@ def sample(
             Without either, each slice gets independent noise from the global RNG.
         samples: N draws per slice (different noise per draw), batched together as N * B.
         skull: (B,) long, 1 where the sources show a head with skull (models with ``skull_condition``).
+        mirror: also synthesize from the sources mirrored along W (left-right on the model grid) and count the
+            mirrored-back results as draws (test-time mirroring, as nnU-Net does); batched together as 2 * B;
+            default ``config.sampling.mirror``.
 
     Returns:
         ``(mean, std)``: mean (B, 1, H, W) in [-1, 1]; std (B, 1, H, W), the per-pixel standard deviation over
-        the N draws, or None when ``samples == 1``.
+        the N draws (2 N with ``mirror``), or None when ``samples == 1``.
     """
     cfg = model.config
     check_batch(model, source, src_mod, tgt_mod)
     steps_per_level = [steps] * cfg.levels if isinstance(steps, int) else list(steps or cfg.sampling.steps)
     if len(steps_per_level) != cfg.levels or samples < 1:
         raise ValueError(f"need {cfg.levels} step counts and samples >= 1, got {steps_per_level}, {samples}")
+    mirror = cfg.sampling.mirror if mirror is None else mirror
+    if mirror:
+        source = torch.cat([source, source.flip(-1)])
+        src_mod, tgt_mod = src_mod.repeat(2, 1), tgt_mod.repeat(2)
+        skull = None if skull is None else skull.repeat(2)
     b, device = source.shape[0], source.device
     if generator is None and noise_seed is not None:
         generator = torch.Generator().manual_seed(noise_seed)
@@ -116,4 +125,6 @@ def sample(
         if level + 1 < cfg.levels:
             coarse = upsample(x + coarse_noises[level] if coarse_noises else x, cfg.level_size(level + 1))
     draws = x.reshape(samples, b, *x.shape[1:])
+    if mirror:  # (samples, 2B, ...) -> (2 samples, B, ...), the mirrored halves flipped back
+        draws = torch.cat([draws[:, : b // 2], draws[:, b // 2 :].flip(-1)])
     return draws.mean(dim=0), (draws.std(dim=0) if samples > 1 else None)

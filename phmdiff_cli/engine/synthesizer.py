@@ -98,6 +98,8 @@ class SynthesisSettings:
         source_detail: add the sources' fine detail where the output follows them
             (:mod:`~phmdiff_cli.engine.source_detail`); None for the model's default
             (``config.sampling.source_detail``).
+        mirror: average with the synthesis from the left-right mirrored sources (twice the network's
+            evaluations); None for the model's default (``config.sampling.mirror``).
     """
 
     steps: int | tuple[int, ...] | None = None
@@ -107,6 +109,7 @@ class SynthesisSettings:
     batch_size: int | None = None
     contrast: bool | None = None
     source_detail: bool | None = None
+    mirror: bool | None = None
 
 
 @dataclass
@@ -248,12 +251,14 @@ class Synthesizer:
         self.contrast = cfg.sampling.contrast if settings.contrast is None else settings.contrast
         self.contrast_reference: dict[str, float] = pretrained.card.get("contrast", {})
         self.source_detail = cfg.sampling.source_detail if settings.source_detail is None else settings.source_detail
+        self.mirror = cfg.sampling.mirror if settings.mirror is None else settings.mirror
         if self.contrast and not self.contrast_reference:
             raise InputError(f"{pretrained.path}: the model card has no contrast reference",
                              hint="leave out --contrast: the card predates the measurement (ship or train it again)")
         self.pretrained, self.device, self.dtype, self.settings = pretrained, device, dtype, settings
         self.backends = configure_backends(device)
-        self.batch_size = settings.batch_size or default_batch_size(pretrained, device, settings.samples)
+        draws = settings.samples * (2 if self.mirror else 1)  # a mirrored copy of a slice costs one more draw
+        self.batch_size = settings.batch_size or default_batch_size(pretrained, device, draws)
 
     def run(
         self,
@@ -476,6 +481,7 @@ class Synthesizer:
                 noise_seed=self.settings.seed,
                 samples=self.settings.samples,
                 skull=torch.full((len(z),), int(skull), dtype=torch.long, device=self.device),
+                mirror=self.mirror,
             )
         if not bool(torch.isfinite(mean).all()):
             raise PhmdiffError(
