@@ -43,7 +43,8 @@ PHMDiff models sample with their config's default steps (``--steps`` overrides) 
 synthesize`` does, the output is background where no source has signal and an MRI volume's contrast is calibrated
 where their config says so (``--contrast`` overrides), after the sources' detail where their config adds it
 (``--source-detail`` overrides), each slice averaged with its left-right mirror where their config says so
-(``--mirror`` overrides). Networks run
+(``--mirror`` overrides; the mirrored view rolled by ``--mirror-shift`` pixels, the model's by default).
+Networks run
 under ``--precision auto``'s autocast, as ``phmdiff synthesize`` does. Single seed, one run each.
 
     pip install -e ".[bench]"     # monai-ddim's MONAI DiffusionModelUNet imports einops
@@ -237,11 +238,12 @@ def phmdiff_method(name: str, model: Path, args: argparse.Namespace, budget_min:
     steps = args.steps or cfg.sampling.steps
     schedule = [steps] * cfg.levels if isinstance(steps, int) else list(steps)
     mirror = {"model": cfg.sampling.mirror, "on": True, "off": False}[args.mirror]
+    shift = cfg.sampling.mirror_shift if args.mirror_shift is None else args.mirror_shift
     evals = sum(n if cfg.sampling.sampler == "euler" else 2 * n - 1 for n in schedule) * (2 if mirror else 1)
 
     def predict(batch: Batch) -> torch.Tensor:
         return sample(pre.model, batch["source"], batch["src_mod"], batch["tgt_mod"], steps=schedule,
-                      noise_seed=args.seed, mirror=mirror)[0]
+                      noise_seed=args.seed, mirror=mirror, mirror_shift=shift)[0]
 
     settings = {"batch": training.get("batch_size"), "lr": training.get("settings", {}).get("lr"),
                 "levels": cfg.levels, "patch_sizes": cfg.patch_sizes, "mask_ratios": cfg.mask_ratios,
@@ -259,6 +261,7 @@ def phmdiff_method(name: str, model: Path, args: argparse.Namespace, budget_min:
     contrast = {"model": cfg.sampling.contrast, "on": True, "off": False}[args.contrast]
     detail = {"model": cfg.sampling.source_detail, "on": True, "off": False}[args.source_detail]
     settings["contrast"], settings["source_detail"], settings["mirror"] = contrast, detail, mirror
+    settings["mirror_shift"] = shift if mirror else None
     predict_volume = as_synthesized(by_slices(predict, args.eval_batch, args.dtype),
                                     pre.card["contrast"] if contrast else {}, detail)
     return Method(name, predict_volume, evaluated, budget, steps, params_of(pre.model), evals, settings, note)
@@ -414,6 +417,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "detail in PHMDiff volumes (phmdiff synthesize --source-detail): model default, on or off")
     parser.add_argument("--mirror", choices=("model", "on", "off"), default="model", help="test-time mirroring "
                         "of PHMDiff slices (phmdiff synthesize --mirror): model default, on or off")
+    parser.add_argument("--mirror-shift", type=int, default=None, help="pixels the mirrored view is rolled by "
+                        "(sampling.mirror_shift); default: each model's")
     parser.add_argument("--ddim-steps", type=int, default=20, help="DDIM steps of monai-ddim (default 20)")
     parser.add_argument("--batch", type=lambda t: per_method(t, int), default={},
                         help=f"NAME=N,... batch sizes (default {DEFAULT_BATCH} for all)")

@@ -133,6 +133,10 @@ class SamplingConfig:
         mirror: average each slice's synthesis with that of its left-right mirrored sources, mirrored back
             (test-time mirroring; :func:`~phmdiff_cli.diffusion.sampling.sample`): twice the network's
             evaluations, on where it was measured to help.
+        mirror_shift: pixels by which the mirrored view is also rolled along both in-plane axes (on the model
+            grid, rolled back after), so that its patch seams fall elsewhere than the first view's. Half a patch
+            (8 px) on brain-sharp: no gain on the subject-pairs it was not chosen on (benchmarks/README.md,
+            "Test-time mirroring"), so 0 in the shipped cards.
     """
 
     sampler: str = "heun"
@@ -144,6 +148,7 @@ class SamplingConfig:
     contrast: bool = False
     source_detail: bool = False
     mirror: bool = False
+    mirror_shift: int = 0
 
 
 @dataclass
@@ -241,6 +246,9 @@ class ModelConfig:
                       "own_start is a share in [0, 1] and needs a second_sigma > 0")
         if len(self.sampling.steps) != self.levels or self.sampling.sampler not in SAMPLERS:
             raise bad(f"sampling {self.sampling}", "one step count per level; sampler heun or euler")
+        if not 0 <= self.sampling.mirror_shift < self.image_size:
+            raise bad(f"sampling.mirror_shift {self.sampling.mirror_shift}",
+                      f"pixels on the model grid, from 0 to {self.image_size - 1}")
 
     @property
     def source_channels(self) -> int:

@@ -37,12 +37,12 @@ def test_quality_samples_with_the_sampler_steps_and_reports_the_total_training(
     calls: list[tuple[list[int], object]] = []
 
     def fake_sample(model: object, source: torch.Tensor, *args: object, steps: list[int], **kw: object) -> tuple:
-        calls.append((steps, kw.get("mirror")))
+        calls.append((steps, kw.get("mirror"), kw.get("mirror_shift")))
         return (torch.zeros(source.shape[0], 1, *source.shape[-2:]),)
 
     monkeypatch.setattr(quality, "sample", fake_sample)
     args = argparse.Namespace(steps=None, seed=0, eval_batch=4, dtype=None, val_subjects=["TCGA-DU-7294"],
-                              contrast="model", source_detail="model", mirror="model")
+                              contrast="model", source_detail="model", mirror="model", mirror_shift=None)
     fine_tuned = SHIPPED_WEIGHTS / "brain-small"  # trained with --init: its card counts both runs
     method = quality.phmdiff_method("shipped", fine_tuned, args, None)
     volume = method.predict(_Volume(depth=10), 0)  # type: ignore[arg-type]
@@ -50,12 +50,13 @@ def test_quality_samples_with_the_sampler_steps_and_reports_the_total_training(
     card = quality.load_pretrained(fine_tuned)
     training = card.card["training"]
     # batches of 4, 4, 2; the card's schedule, unmirrored as its card says
-    assert calls == [(list(card.config.sampling.steps), False)] * 3
+    assert calls == [(list(card.config.sampling.steps), False, card.config.sampling.mirror_shift)] * 3
     assert method.evals == sum(card.config.sampling.steps)  # Euler: one evaluation per step
-    mirrored = quality.phmdiff_method("shipped", fine_tuned, argparse.Namespace(**{**vars(args), "mirror": "on"}),
-                                      None)
+    mirrored = quality.phmdiff_method("shipped", fine_tuned, argparse.Namespace(**{**vars(args), "mirror": "on",
+                                                                                   "mirror_shift": 5}), None)
     mirrored.predict(_Volume(depth=2), 0)  # type: ignore[arg-type]
-    assert calls[-1][1] is True and mirrored.evals == 2 * method.evals
+    assert calls[-1][1:] == (True, 5) and mirrored.evals == 2 * method.evals
+    assert mirrored.settings["mirror_shift"] == 5 and method.settings["mirror_shift"] is None
     assert method.steps == training["steps"] + training["init"]["steps"]  # the fine-tune and its initial model
     assert method.budget_min == round((training["elapsed_s"] + training["init"]["elapsed_s"]) / 60, 1)
     assert method.pairs == quality.EVAL_PAIRS  # the shipped model serves both evaluated pairs
@@ -84,7 +85,7 @@ def test_quality_calibrates_the_default_models_contrast_as_synthesize_does(monke
     volumes = {}
     for mode in ("model", "off"):
         args = argparse.Namespace(steps=None, seed=0, eval_batch=4, dtype=None, val_subjects=["TCGA-DU-7294"],
-                                  contrast=mode, source_detail="model", mirror="model")
+                                  contrast=mode, source_detail="model", mirror="model", mirror_shift=None)
         method = quality.phmdiff_method("shipped", SHIPPED_WEIGHTS / DEFAULT_MODEL, args, None)
         assert method.settings.get("contrast", False) == (mode == "model")
         assert method.settings["source_detail"] is card["model"]["sampling"]["source_detail"] is True

@@ -159,20 +159,28 @@ def test_several_samples_give_mean_and_std() -> None:
     assert not torch.allclose(mean, single)
 
 
-def test_mirrored_draws_are_the_mirror_image_synthesized_and_flipped_back() -> None:
-    """``mirror`` adds, per draw, the synthesis of the W-mirrored sources flipped back: the mean over both, and
-    the std over all 2 N draws."""
+@pytest.mark.parametrize("shift", [0, 3])
+def test_mirrored_draws_are_the_mirror_image_synthesized_and_flipped_back(shift: int) -> None:
+    """``mirror`` adds, per draw, the synthesis of the W-mirrored sources (rolled by ``mirror_shift`` first)
+    flipped and rolled back: the mean over both, and the std over all 2 N draws."""
     model = _tiny_model()
     b = _batch(model.config)
     args = (b["src_mod"], b["tgt_mod"])
-    plain = [sample(model, source, *args, steps=2, noise_seed=0, samples=2) for source in (b["source"],
-                                                                                         b["source"].flip(-1))]
-    mean, std = sample(model, b["source"], *args, steps=2, noise_seed=0, samples=2, mirror=True)
-    a, m = plain[0], (plain[1][0].flip(-1), plain[1][1].flip(-1))
+    views = (b["source"], b["source"].roll((shift, shift), dims=(-2, -1)).flip(-1))
+    plain = [sample(model, source, *args, steps=2, noise_seed=0, samples=2) for source in views]
+    mean, std = sample(model, b["source"], *args, steps=2, noise_seed=0, samples=2, mirror=True, mirror_shift=shift)
+
+    def back(x: torch.Tensor) -> torch.Tensor:
+        return x.flip(-1).roll((-shift, -shift), dims=(-2, -1))
+
+    a, m = plain[0], (back(plain[1][0]), back(plain[1][1]))
     torch.testing.assert_close(mean, (a[0] + m[0]) / 2)
     # four draws: their squared deviations sum to each pair's (its 1-dof variance) plus the pairs' mean gap squared
     pooled = (a[1] ** 2 + m[1] ** 2 + (a[0] - m[0]) ** 2) / 3
     torch.testing.assert_close(std, pooled.sqrt(), atol=1e-5, rtol=1e-4)
+    if shift:  # the roll is not the identity: it changes what the mirrored view sees
+        unrolled = sample(model, b["source"], *args, steps=2, noise_seed=0, samples=2, mirror=True)[0]
+        assert (unrolled - mean).abs().max() > 1e-3
 
 
 def test_sampling_loop_never_syncs_with_the_host(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from engine_helpers import one_thread  # noqa: F401  (autouse fixture)
 
-from phmdiff_cli.config import SIZES, DiffusionConfig, ModelConfig, model_config
+from phmdiff_cli.config import SIZES, DiffusionConfig, ModelConfig, SamplingConfig, model_config
 from phmdiff_cli.errors import InputError
 from phmdiff_cli.models import PHMDiff
 from phmdiff_cli.models.layers import patchify, sincos_pos_embed_2d, unpatchify
@@ -283,3 +283,5 @@ def test_config_errors_are_input_errors() -> None:
         ModelConfig.from_dict({**model_config("tiny").to_dict(), "future_option": 1})
     with pytest.raises(InputError, match="own_start 0.5, second_sigma 0.0"):
         model_config("tiny", diffusion=DiffusionConfig(own_start=0.5))  # no second_sigma to train at
+    with pytest.raises(InputError, match="mirror_shift 64"):  # tiny's grid is 64 px: a roll of 64 is none
+        model_config("tiny", sampling=SamplingConfig(steps=(4, 3, 2), mirror_shift=64))

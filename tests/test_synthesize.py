@@ -236,7 +236,8 @@ def test_source_detail_sharpens_a_blurred_output_on_request(small_t1n: Path, tmp
 
 def test_mirror_makes_the_synthesis_mirror_symmetric(small_t1n: Path, tmp_path: Path, model: Path) -> None:
     """With --mirror the T1 mirrored left-right synthesizes the mirrored T2 (each slice averaged with the
-    synthesis of its mirror image); the network alone is not symmetric, and --json says which ran."""
+    synthesis of its mirror image, unrolled: this card's ``mirror_shift`` is 0); the network alone is not
+    symmetric, and --json says which ran."""
     image = nib.load(small_t1n)
     assert nib.aff2axcodes(image.affine)[0] in "LR"  # voxel axis 0 runs left-right
     mirrored = tmp_path / "mirrored-t1n.nii.gz"

@@ -61,6 +61,7 @@ def sample(
     samples: int = 1,
     skull: Tensor | None = None,
     mirror: bool | None = None,
+    mirror_shift: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Synthesize target slices, coarse to fine, with the deterministic EDM ODE solver (the finer levels from
     the coarser sample noised to ``DiffusionConfig.refine_sigma`` when it is set, else from pure noise).
@@ -85,6 +86,10 @@ def sample(
         mirror: also synthesize from the sources mirrored along W (left-right on the model grid) and count the
             mirrored-back results as draws (test-time mirroring, as nnU-Net does); batched together as 2 * B;
             default ``config.sampling.mirror``.
+        mirror_shift: pixels by which the mirrored sources are also rolled (circularly) along H and W, the
+            result rolled back; default ``config.sampling.mirror_shift``. Half a patch puts the mirrored view's
+            patch seams in the middle of the first view's patches (on a grid of whole patches the mirror alone
+            keeps them in place).
 
     Returns:
         ``(mean, std)``: mean (B, 1, H, W) in [-1, 1]; std (B, 1, H, W), the per-pixel standard deviation over
@@ -96,8 +101,9 @@ def sample(
     if len(steps_per_level) != cfg.levels or samples < 1:
         raise ValueError(f"need {cfg.levels} step counts and samples >= 1, got {steps_per_level}, {samples}")
     mirror = cfg.sampling.mirror if mirror is None else mirror
+    shift = cfg.sampling.mirror_shift if mirror_shift is None else mirror_shift
     if mirror:
-        source = torch.cat([source, source.flip(-1)])
+        source = torch.cat([source, source.roll((shift, shift), dims=(-2, -1)).flip(-1)])
         src_mod, tgt_mod = src_mod.repeat(2, 1), tgt_mod.repeat(2)
         skull = None if skull is None else skull.repeat(2)
     b, device = source.shape[0], source.device
@@ -125,6 +131,6 @@ def sample(
         if level + 1 < cfg.levels:
             coarse = upsample(x + coarse_noises[level] if coarse_noises else x, cfg.level_size(level + 1))
     draws = x.reshape(samples, b, *x.shape[1:])
-    if mirror:  # (samples, 2B, ...) -> (2 samples, B, ...), the mirrored halves flipped back
-        draws = torch.cat([draws[:, : b // 2], draws[:, b // 2 :].flip(-1)])
+    if mirror:  # (samples, 2B, ...) -> (2 samples, B, ...), the mirrored halves flipped and rolled back
+        draws = torch.cat([draws[:, : b // 2], draws[:, b // 2 :].flip(-1).roll((-shift, -shift), dims=(-2, -1))])
     return draws.mean(dim=0), (draws.std(dim=0) if samples > 1 else None)
