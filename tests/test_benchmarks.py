@@ -34,7 +34,7 @@ class _Volume:
 def test_quality_samples_with_the_sampler_steps_and_reports_the_total_training(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    calls: list[tuple[list[int], object]] = []
+    calls: list[tuple[object, ...]] = []
 
     def fake_sample(model: object, source: torch.Tensor, *args: object, steps: list[int], **kw: object) -> tuple:
         calls.append((steps, kw.get("mirror"), kw.get("mirror_shift")))
