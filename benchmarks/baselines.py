@@ -140,28 +140,49 @@ def ddim_predict(model: nn.Module, pairs: Sequence[Pair], steps: int, seed: int)
 
 # ----------------------------------------------------------------------------- histogram-matched source
 
-#: T1-weighted sources are inverted before matching a T2 target (CSF dark -> bright); FLAIR keeps CSF dark.
-INVERTED = {("t1n", "t2w"), ("t1c", "t2w")}
-
-
 def _foreground(volume: np.ndarray, modality: str) -> np.ndarray:
     """The evaluation mask (:func:`auto_mask`) of a model-range volume ``(z, H, W)`` on the [0, 1] scale."""
     return auto_mask((volume + 1.0) * 0.5, modality)
 
 
-def hist_matched(dataset: SliceDataset, item: int) -> np.ndarray:
-    """The item's source volume inside its foreground, inverted for T1 -> T2 (:data:`INVERTED`), mapped by
-    quantiles onto the foreground values of the same subject's *real* target (an oracle histogram);
-    background -1. Returns float32 ``(z, H, W)`` in the model range."""
-    subject, pair = dataset.items[item]
-    source = np.asarray(dataset.array(subject, pair.sources[0]), dtype=np.float32)
-    real = np.asarray(dataset.array(subject, pair.target), dtype=np.float32)
-    reference = np.sort(real[_foreground(real, pair.target)])
-    out = np.full_like(source, -1.0)
-    mask = _foreground(source, pair.sources[0])
-    values = -source[mask] if (pair.sources[0], pair.target) in INVERTED else source[mask]
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """Each value's quantile in ``values`` (ties broken by position), in (0, 1)."""
     order = np.argsort(values, kind="stable")
     quantile = np.empty(order.size)
     quantile[order] = (np.arange(order.size) + 0.5) / order.size
-    out[mask] = reference[(quantile * reference.size).astype(int)]
+    return quantile
+
+
+def match_quantiles(values: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """``values`` ``(n,)`` mapped by quantiles onto ``reference``'s values: the same ranks, the reference's
+    histogram."""
+    reference = np.sort(reference, axis=None)
+    return reference[(_ranks(values) * reference.size).astype(int)]
+
+
+def best_source(sources: dict[str, np.ndarray], real: np.ndarray, mask: np.ndarray) -> tuple[str, float]:
+    """The source most rank-correlated with the real target inside ``mask`` (an oracle choice) and the
+    correlation's sign: -1 where the source is inverted against the target (T1 against T2: CSF dark in one,
+    bright in the other)."""
+    target = _ranks(real[mask])
+    found = {name: float(np.corrcoef(_ranks(volume[mask]), target)[0, 1]) for name, volume in sources.items()}
+    name = max(found, key=lambda n: abs(found[n]))
+    return name, float(np.sign(found[name]))
+
+
+def hist_matched(dataset: SliceDataset, item: int) -> np.ndarray:
+    """The item's source volume inside its foreground, mapped by quantiles onto the foreground values of the
+    same subject's *real* target (an oracle histogram); background -1. Of several sources the one most
+    rank-correlated with the real target is used, inverted where that correlation is negative (T1 -> T2): both
+    oracle choices, so the bar is the strongest a histogram gives. Returns float32 ``(z, H, W)`` in the model
+    range."""
+    subject, pair = dataset.items[item]
+    real = np.asarray(dataset.array(subject, pair.target), dtype=np.float32)
+    target_mask = _foreground(real, pair.target)
+    sources = {m: np.asarray(dataset.array(subject, m), dtype=np.float32) for m in pair.sources}
+    inside = np.logical_and.reduce([target_mask, *(_foreground(v, m) for m, v in sources.items())])
+    name, sign = best_source(sources, real, inside)
+    out = np.full_like(sources[name], -1.0)
+    mask = _foreground(sources[name], name)
+    out[mask] = match_quantiles(sign * sources[name][mask], real[target_mask])
     return out

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
+from baselines import match_quantiles
 from engine_speed import DATA, ROOT, cpu_model
 from scipy import ndimage
 
@@ -94,12 +95,8 @@ def onto(image: sitk.Image, reference: sitk.Image, transform: sitk.Transform, *,
 
 def hist_matched(source: np.ndarray, real: np.ndarray, mask: np.ndarray, invert: bool) -> np.ndarray:
     """``source`` inside ``mask`` mapped by quantiles onto ``real``'s values inside it; 0 outside."""
-    values = -source[mask] if invert else source[mask]
-    reference = np.sort(real[mask])
-    quantile = np.empty(values.size)
-    quantile[np.argsort(values, kind="stable")] = (np.arange(values.size) + 0.5) / values.size
     out = np.zeros_like(real)
-    out[mask] = reference[(quantile * reference.size).astype(int)]
+    out[mask] = match_quantiles(-source[mask] if invert else source[mask], real[mask])
     return out
 
 

@@ -34,9 +34,10 @@ Methods (``--only`` picks some):
   sits, ``second_sigma`` 0.5).
 - baselines: ``regression-unet`` (MONAI BasicUNet, L1, one forward pass) and ``monai-ddim`` (MONAI
   DiffusionModelUNet, DDPM training, DDIM sampling), both on the evaluated pairs for B, told the pair by
-  the group of input channels the source fills; ``hist-matched`` (no training): the source inside its
-  foreground, inverted for T1 -> T2 (t1n or t1c -> t2w), mapped by quantiles onto the *real* target's
-  foreground histogram of the same subject (an oracle histogram a user does not have: a strong bar).
+  the group of input channels the source fills; ``hist-matched`` (no training, any ``--pairs``): the source
+  inside its foreground, inverted where it is rank-anticorrelated with the real target (T1 -> T2), mapped by
+  quantiles onto the *real* target's foreground histogram of the same subject; of several sources the most
+  rank-correlated one (oracle choices a user cannot make: a strong bar).
 - ``--shipped PATH`` adds an already-trained model, with its own budget.
 
 PHMDiff models sample with their config's default steps (``--steps`` overrides) from ``last/``; as ``phmdiff
@@ -50,6 +51,7 @@ under ``--precision auto``'s autocast, as ``phmdiff synthesize`` does. Single se
     pip install -e ".[bench]"     # monai-ddim's MONAI DiffusionModelUNet imports einops
     python benchmarks/quality.py --only hist-matched,regression-unet --minutes 30 --shipped weights/brain-small
     python benchmarks/quality.py --only phmdiff --minutes 30 --update     # one more row, the others kept
+    python benchmarks/quality.py --only hist-matched --pairs t1c:t2w,t2f:t2w --out hist.json   # other pairs' bar
     python benchmarks/quality.py --only '' --shipped weights/brain-sharp --pairs t1n:t2f,t2w:t2f --contrast off
 """
 
@@ -443,8 +445,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = sorted(set(args.only) - set(ROLES))
     if unknown:
         parser.error(f"unknown method(s) {unknown}; choose from {list(ROLES)}")
-    if args.pairs != EVAL_PAIRS and (args.only or not args.shipped):
-        parser.error("--pairs other than the default needs --only '' and --shipped MODEL")
+    if args.pairs != EVAL_PAIRS and (set(args.only) - {"hist-matched"} or not (args.shipped or args.only)):
+        parser.error("--pairs other than the default needs --shipped MODEL or --only hist-matched (no training)")
     args.lr = {**DEFAULT_LR, **args.lr}
     args.cache_dir = (args.cache_dir or args.work / "cache").resolve()
     args.work = args.work.resolve()

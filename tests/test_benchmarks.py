@@ -156,7 +156,7 @@ def test_hist_matched_baseline_maps_the_source_onto_the_real_target_histogram(
     from phmdiff_cli.data.slices import SliceDataset, parse_pairs
 
     subject = discover(brats_dir).subject("TCGA-DU-7294")
-    pairs = parse_pairs("t1n:t2w,t1c:t2f")
+    pairs = parse_pairs("t1n:t2w,t1c:t2f,t2w:t1n,t1n+t2w:t1c")
     dataset = SliceDataset([subject], pairs, ModelGrid(240, 1.0), tmp_path)  # BraTS: exact
     for item, (_, pair) in enumerate(dataset.items):
         pred = baselines.hist_matched(dataset, item)
@@ -167,14 +167,36 @@ def test_hist_matched_baseline_maps_the_source_onto_the_real_target_histogram(
         quantiles = np.linspace(0.05, 0.95, 7)
         ref = real[baselines._foreground(real, pair.target)]
         assert np.allclose(np.quantile(pred[inside], quantiles), np.quantile(ref, quantiles), atol=0.03)
-        # T1 -> T2 is inverted (CSF bright), so it correlates positively with the real T2 inside the brain
+        # T1 <-> T2 is inverted (CSF bright in one, dark in the other), so each output correlates positively
+        # with the real target inside the brain
         both = inside & (real > -1)
         assert np.corrcoef(pred[both], real[both])[0, 1] > 0.3, pair
+    # of T1 and T2, the T1 is the source of a T1c: the same voxels' ranks as the T1's, not the T2's
+    t1, t2 = (dataset.array(0, m).astype("float32") for m in ("t1n", "t2w"))
+    both = (t1 > -1) & (t2 > -1)
+    t1c_from_two = baselines.hist_matched(dataset, 3)[both]
+    assert np.corrcoef(t1c_from_two, t1[both])[0, 1] > np.corrcoef(t1c_from_two, -t2[both])[0, 1]
     # the UNets' input: the source stack in its pair's group of channels (item 1 is t1c:t2f), the other zero
     sample = dataset[(1, 70, 0)]
     stacked = baselines.stack({k: v[None] for k, v in sample.items()}, pairs)
-    assert stacked.shape == (1, 2 * 3, 240, 240)
-    assert not stacked[0, :3].any() and torch.equal(stacked[0, 3:], sample["source"][0])
+    assert stacked.shape == (1, len(pairs) * 3, 240, 240)
+    assert not stacked[0, :3].any() and not stacked[0, 6:].any()
+    assert torch.equal(stacked[0, 3:6], sample["source"][0])
+
+
+def test_best_source_picks_the_most_rank_correlated_source_and_its_sign() -> None:
+    import baselines
+
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(4, 8, 8)).astype("float32")
+    mask = np.ones(real.shape, dtype=bool)
+    weak = real + rng.normal(scale=2.0, size=real.shape)
+    sources = {"weak": weak, "inverse": np.exp(-real) + 0.1 * rng.normal(size=real.shape)}
+    assert baselines.best_source(sources, real, mask) == ("inverse", -1.0)
+    assert baselines.best_source({"weak": weak}, real, mask) == ("weak", 1.0)
+    matched = baselines.match_quantiles(-sources["inverse"].ravel(), real)
+    assert np.array_equal(np.sort(matched), np.sort(real, axis=None))  # the reference's histogram exactly
+    assert np.corrcoef(matched, real.ravel())[0, 1] > 0.9
 
 
 def test_clinical_inputs_scores_and_histogram_baseline_on_a_real_block() -> None:
@@ -193,3 +215,14 @@ def test_clinical_inputs_scores_and_histogram_baseline_on_a_real_block() -> None
     same = clinical_inputs.scores(block, block, mask)
     assert same["ssim"] == pytest.approx(1.0) and same["psnr"] == float("inf")
     assert clinical_inputs.scores(block * 2.0, block, mask)["ssim"] == pytest.approx(1.0)  # each on its own scale
+
+
+def test_quality_scores_other_pairs_only_without_training(tmp_path: Path) -> None:
+    """``--pairs`` replaces the evaluated pairs for methods that need no training on them: a shipped model or the
+    histogram baseline; a trained method would be trained on the default pairs, so it is refused."""
+    common = ["--pairs", "t1c:t2w", "--work", str(tmp_path)]
+    assert quality.parse_args([*common, "--only", "hist-matched"]).only == ["hist-matched"]
+    assert quality.parse_args([*common, "--only", "", "--shipped", "weights/brain-sharp"]).only == []
+    for refused in (["--only", "hist-matched,regression-unet"], ["--only", ""]):
+        with pytest.raises(SystemExit):
+            quality.parse_args([*common, *refused])

@@ -220,6 +220,26 @@ def test_pose_augmentation_moves_sources_and_target_together(dataset: SliceDatas
     assert np.array_equal(off(source.copy(), target.copy(), 1, np.random.default_rng(0))[1], target)
 
 
+def test_shift_augmentation_moves_the_slice_within_its_bound(dataset: SliceDataset) -> None:
+    """A shift alone moves the head's centre of mass by at most ``translate`` pixels along each axis (and by
+    several pixels over a few draws), keeps its area, and moves the sources and the target together."""
+    target = dataset[(0, 80, 0)]["target"].numpy()
+    source = np.zeros((2, *target.shape), dtype=np.float32)
+    source[0] = target
+    shift = Augment(flip_lr=0.0, gamma=0.0, scale=0.0, translate=12.0)
+    head = target[0] > -0.9
+    centre = np.argwhere(head).mean(axis=0)
+    moves = []
+    for seed in range(6):
+        moved_source, moved_target = shift(source.copy(), target.copy(), 1, np.random.default_rng(seed))
+        assert np.allclose(moved_source[0], moved_target, atol=1e-6)
+        moved = moved_target[0] > -0.9
+        assert abs(float(moved.sum()) / float(head.sum()) - 1.0) < 0.02
+        moves.append(np.argwhere(moved).mean(axis=0) - centre)
+    moves = np.abs(np.array(moves))
+    assert moves.max() <= 12.5 and moves.max() > 4.0
+
+
 def test_missing_modalities(subjects: list[Subject], cache_dir: Path) -> None:
     with pytest.raises(InputError, match="no subject has all the images of pair t1n:ct"):
         SliceDataset(subjects, parse_pairs("t1n:ct"), GRID, cache_dir)

@@ -178,7 +178,7 @@ def test_init_starts_from_a_model_and_keeps_its_config(
     run, initial = tmp_path / "run", load_pretrained(trained / "last")
     base = [a for a in _base(brats2, cache, run) if a not in ("--size", "tiny")]
     args = ["--init", str(trained / "last"), "--max-steps", "1", "--lr", "1e-12", "--val-fraction", "0"]
-    code, output = _train(*base, *args, "--rotate", "10", "--zoom", "0.1")
+    code, output = _train(*base, *args, "--rotate", "10", "--zoom", "0.1", "--translate", "8")
     assert code == 0, output
     tuned = load_pretrained(run / "last")
     assert tuned.config == initial.config and tuned.config.size == "tiny"

@@ -52,6 +52,7 @@ def test_flags_override_the_config_file_which_overrides_defaults(tmp_path: Path)
         ('{"val_sampler": "ddim"}', "--val-sampler 'ddim' must be one of heun, euler"),
         ('{"rotate": 200}', "--rotate 200 must be in [0, 180] degrees"),
         ('{"zoom": -0.1}', "--zoom -0.1 must be in [0, 1)"),
+        ('{"translate": -4}', "--translate -4 must not be negative"),
         ('{"init": "brain-small", "levels": 2}', "--levels cannot be used with --init"),
         ('{"init": "brain-small", "size": "tiny", "cgr_pixel": 0}', "--size, --cgr-pixel cannot be used"),
         ('{"init": "brain-small", "model": {"depth": 4, "diffusion": {}}}', "model fields but diffusion, sampling"),

@@ -188,6 +188,12 @@ def train(
     zoom: float | None = typer.Option(
         None, "--zoom", help=f"With --augment: random in-plane zoom up to this fraction, e.g. 0.1. {_default('zoom')}"
     ),
+    translate: float | None = typer.Option(
+        None,
+        "--translate",
+        help=f"With --augment: random in-plane shift up to this many pixels of the model grid, e.g. 16. "
+        f"{_default('translate')}",
+    ),
     init: str | None = typer.Option(
         None,
         "--init",
@@ -236,6 +242,7 @@ def train(
         augment=augment,
         rotate=rotate,
         zoom=zoom,
+        translate=translate,
         init=init,
         size=size,
         spacing=spacing,

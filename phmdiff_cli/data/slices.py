@@ -142,12 +142,15 @@ class Augment:
         scale: intensity scale drawn in ``[1-scale, 1+scale]`` per source modality.
         rotate: largest in-plane rotation, degrees (uniform in ``[-rotate, rotate]``; 0: none).
         zoom: largest in-plane zoom, as a fraction (log-uniform in ``[1/(1+zoom), 1+zoom]``; 0: none).
+        translate: largest in-plane shift, pixels (uniform in ``[-translate, translate]`` along each axis;
+            0: none).
 
-    Rotation and zoom resample the sources and the target with one bilinear affine (MONAI's ``Affine``)
-    about the slice centre, background filling what comes in from outside: with few subjects, each new
-    pose is anatomy the network has not memorised. Intensities of the sources only are jittered (as a
-    different scanner or normalisation would change them); the target keeps its values, so the model learns
-    one output scale.
+    Rotation, zoom and shift resample the sources and the target with one bilinear affine (MONAI's
+    ``Affine``) about the slice centre, background filling what comes in from outside: with few subjects,
+    each new pose is anatomy the network has not memorised. Shifts move the brain across the patch grid:
+    every training brain otherwise sits where its preprocessing put it. Intensities of the sources only are
+    jittered (as a different scanner or normalisation would change them); the target keeps its values, so the
+    model learns one output scale.
     """
 
     flip_lr: float = 0.5
@@ -155,6 +158,7 @@ class Augment:
     scale: float = 0.05
     rotate: float = 0.0
     zoom: float = 0.0
+    translate: float = 0.0
 
     def __call__(
         self, source: np.ndarray, target: np.ndarray, n_sources: int, rng: np.random.Generator
@@ -163,7 +167,7 @@ class Augment:
         ``source`` may be modified."""
         if rng.random() < self.flip_lr:
             source, target = source[..., ::-1], target[..., ::-1]
-        if self.rotate > 0 or self.zoom > 0:
+        if self.rotate > 0 or self.zoom > 0 or self.translate > 0:
             source, target = self._pose(source, target, n_sources, rng)
         for slot in range(n_sources):
             gamma = float(np.exp(rng.uniform(-1.0, 1.0) * np.log1p(self.gamma)))
@@ -175,16 +179,17 @@ class Augment:
     def _pose(
         self, source: np.ndarray, target: np.ndarray, n_sources: int, rng: np.random.Generator
     ) -> tuple[np.ndarray, np.ndarray]:
-        """One random rotation and zoom of the used source slots and the target together."""
+        """One random rotation, zoom and shift of the used source slots and the target together."""
         from monai.transforms import Affine  # imported on use: MONAI takes seconds to import
 
         angle = np.deg2rad(rng.uniform(-self.rotate, self.rotate))
         zoom = float(np.exp(rng.uniform(-1.0, 1.0) * np.log1p(self.zoom)))
+        shift = rng.uniform(-self.translate, self.translate, size=2)
         used = source[:n_sources]
         # Shifted by +1 so the model range's background (-1) is 0, what the zero padding brings in.
         stack = np.concatenate([used.reshape(-1, *used.shape[-2:]), target]) + 1.0
-        moved = Affine(rotate_params=angle, scale_params=(zoom, zoom), padding_mode="zeros",
-                       image_only=True)(stack)
+        moved = Affine(rotate_params=angle, scale_params=(zoom, zoom), translate_params=tuple(shift),
+                       padding_mode="zeros", image_only=True)(stack)
         moved = np.asarray(moved, dtype=np.float32) - 1.0
         source = np.array(source, dtype=np.float32)
         source[:n_sources] = moved[:-1].reshape(used.shape)

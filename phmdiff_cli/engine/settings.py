@@ -75,7 +75,8 @@ class TrainSettings:
         ``<out>/cache``). val_subjects: validation subject ids (else a seeded ``val_fraction`` of each dataset
         folder's subjects). skip_incomplete: train without subjects that serve no pair (else an error).
         resample: resample images on another grid onto the target's. augment: flips and source intensity
-        jitter; with it, rotate (degrees) and zoom (fraction): random in-plane pose.
+        jitter; with it, rotate (degrees), zoom (fraction) and translate (pixels of the model grid): random
+        in-plane pose.
     Model:
         init: start from this model's weights (a ``--model`` spec); its config is kept, so the model settings
         below must be left at their defaults, except ``model``'s ``diffusion`` and ``sampling`` fields (the
@@ -114,6 +115,7 @@ class TrainSettings:
     augment: bool = True
     rotate: float = 0.0
     zoom: float = 0.0
+    translate: float = 0.0
     init: str | None = None
     size: str = "small"
     spacing: float | None = None
@@ -234,6 +236,7 @@ class TrainSettings:
             "context",
             "num_workers",
             "grad_clip",
+            "translate",
         ):
             value = getattr(self, name)
             if value is not None and value < 0:

@@ -196,7 +196,9 @@ def slice_dataset(
             cache,
             k=config.context,
             slots=config.max_sources,
-            augment=Augment(rotate=settings.rotate, zoom=settings.zoom) if augment else None,
+            augment=Augment(rotate=settings.rotate, zoom=settings.zoom, translate=settings.translate)
+            if augment
+            else None,
             source_norm=config.source_norm,
             resample=settings.resample,
             progress=progress,
