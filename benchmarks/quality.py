@@ -63,7 +63,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -206,13 +206,15 @@ def by_slices(predict: Predict, batch_size: int, dtype: torch.dtype | None) -> P
     return predict_volume
 
 
-def score(method: Method, slices: Slices) -> dict[str, Any]:
-    """Per validation subject and evaluated pair the method serves: PSNR, SSIM, sharpness and seconds per
-    slice; and per pair the mean over subjects."""
+def score(method: Method, slices: Slices, subjects: Collection[str] | None = None) -> dict[str, Any]:
+    """Per validation subject (of ``subjects``, default all) and evaluated pair the method serves: PSNR, SSIM,
+    sharpness and seconds per slice; and per pair the mean over subjects."""
     served = {str(p) for p in parse_pairs(method.pairs)} if method.pairs != "-" else None
     per: dict[str, dict[str, dict[str, float]]] = {}
     for item, (subject, pair) in enumerate(slices.val.items):
         if served is not None and str(pair) not in served:
+            continue
+        if subjects is not None and slices.val.subjects[subject].id not in subjects:
             continue
         began = time.perf_counter()
         pred = method.predict(slices.val, item)
@@ -438,6 +440,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="run folders of the PHMDiff trainings")
     parser.add_argument("--cache-dir", type=Path, default=None, help="preprocessing cache (default WORK/cache)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "quality.json")
+    parser.add_argument("--subjects", default=None, help="comma-separated validation subjects scored (default: "
+                        "all of weights/brain_data.json's)")
     parser.add_argument("--update", action="store_true", help="rerun only these methods: keep --out's other "
                         "rows, replace the rows of the methods run, and log this run in its 'runs'")
     args = parser.parse_args(argv)
@@ -451,7 +455,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.cache_dir = (args.cache_dir or args.work / "cache").resolve()
     args.work = args.work.resolve()
     args.dtype = resolve_precision(args.precision, torch.device("cpu"))
-    args.val_subjects = json.loads(PROTOCOL.read_text())["val_subjects"]
+    protocol = json.loads(PROTOCOL.read_text())["val_subjects"]
+    args.val_subjects = [n.strip() for n in args.subjects.split(",") if n.strip()] if args.subjects else protocol
+    unknown = sorted(set(args.val_subjects) - set(protocol))
+    if unknown:
+        parser.error(f"--subjects: not validation subjects of the protocol: {unknown}")
     return args
 
 
@@ -496,7 +504,7 @@ def main() -> None:
     for name in names:
         print(f"# {name}: training / preparing", flush=True)
         method = build(name, slices, args)
-        rows.append(row_of(method, score(method, slices)))
+        rows.append(row_of(method, score(method, slices, args.val_subjects)))
         report = report_of(previous, rows, info, settings)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1))  # after every method: a crash keeps the finished ones

@@ -226,3 +226,26 @@ def test_quality_scores_other_pairs_only_without_training(tmp_path: Path) -> Non
     for refused in (["--only", "hist-matched,regression-unet"], ["--only", ""]):
         with pytest.raises(SystemExit):
             quality.parse_args([*common, *refused])
+
+
+def test_quality_scores_only_the_subjects_asked_for(brats_dir: Path, tmp_path: Path) -> None:
+    """``--subjects`` limits the scored validation subjects (a model trained on the others is scored on the rest)
+    and refuses a subject that is not one of the protocol's."""
+    import baselines  # noqa: E402  (a script folder, not a package)
+
+    from phmdiff_cli.data.grid import ModelGrid
+    from phmdiff_cli.data.layouts import discover
+    from phmdiff_cli.data.slices import SliceDataset, parse_pairs
+
+    assert quality.parse_args(["--only", "hist-matched", "--subjects", "TCGA-DU-7294"]).val_subjects == [
+        "TCGA-DU-7294"]
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--only", "hist-matched", "--subjects", "BraTS-GLI-00001-000"])  # a training subject
+    found = discover(brats_dir)
+    pairs = parse_pairs("t1n:t2w")
+    subjects = [found.subject(s) for s in ("BraTS-MET-00110-000", "TCGA-DU-7294")]
+    dataset = SliceDataset(subjects, pairs, ModelGrid(240, 1.0), tmp_path)
+    method = quality.Method("hist-matched", baselines.hist_matched, "t1n:t2w", None, None, 0, 0)
+    slices = quality.Slices(dataset, dataset, pairs)
+    assert {pair: set(rows) for pair, rows in quality.score(method, slices, ["TCGA-DU-7294"]).items()} == {
+        str(pairs[0]): {"TCGA-DU-7294", "mean"}}
