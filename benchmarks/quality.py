@@ -53,6 +53,7 @@ under ``--precision auto``'s autocast, as ``phmdiff synthesize`` does. Single se
     python benchmarks/quality.py --only phmdiff --minutes 30 --update     # one more row, the others kept
     python benchmarks/quality.py --only hist-matched --pairs t1c:t2w,t2f:t2w --out hist.json   # other pairs' bar
     python benchmarks/quality.py --only '' --shipped weights/brain-sharp --pairs t1n:t2f,t2w:t2f --contrast off
+    python benchmarks/quality.py --only '' --shipped runs/brain-sharp-all/last --subjects TCGA-DU-7294  # the unseen one
 """
 
 from __future__ import annotations
