@@ -120,7 +120,8 @@ HEADS_SKULL = fine_tune("runs/brain-heads-skull.json", "weights/brain-sharp", 90
 #: training subjects plus three of its four validation subjects (OMS-MNI-p19, BraTS2013-pat0001 and -pat0002).
 #: TCGA-DU-7294 stays out: it is the quick start's example, which should show a brain the model has never seen, and
 #: the one protocol subject left to score it on (beside the raw heads of ``benchmarks/clinical_inputs.py``).
-#: Measured, not shipped: TCGA-DU-7294's T2 fell 0.9 dB (benchmarks/README.md, "Training on every subject but one").
+#: Measured, not shipped: TCGA-DU-7294's T2 targets fell 0.66-0.96 dB (benchmarks/README.md, "Training on every
+#: subject but one").
 SHARP_ALL = fine_tune("weights/brain_all.json", "weights/brain-sharp", 100, "runs/brain-sharp-all")
 STAGES = {
     "train": TRAIN,
