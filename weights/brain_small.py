@@ -15,6 +15,7 @@ copy of a run's last model into ``weights/<name>`` with a card that names the tr
     python weights/brain_small.py heads-tune    # brain-sharp fine-tuned on brains and a head (45 min; not shipped)
     python weights/brain_small.py heads-skull   # the same, told whether the sources show a skull (90 min)
     python weights/brain_small.py sharp-all     # brain-sharp fine-tuned on every subject but one (100 min; not shipped)
+    python weights/brain_small.py sharp-control # its control: the same 4933 steps on the eight subjects (not shipped)
 
 The validation subject, TCGA-DU-7294, is held out from training; it is also the example image in
 ``examples/`` (its T1), so the quickstart synthesizes a T2 the model has never seen.
@@ -123,6 +124,12 @@ HEADS_SKULL = fine_tune("runs/brain-heads-skull.json", "weights/brain-sharp", 90
 #: Measured, not shipped: TCGA-DU-7294's T2 targets fell 0.66-0.96 dB (benchmarks/README.md, "Training on every
 #: subject but one").
 SHARP_ALL = fine_tune("weights/brain_all.json", "weights/brain-sharp", 100, "runs/brain-sharp-all")
+#: ``sharp-control`` is ``sharp-all``'s control: the same recipe and step count (4933, its LR schedule on steps) on
+#: the protocol's eight training subjects, to tell the three added subjects from the added steps. Measured, not
+#: shipped: TCGA-DU-7294's T2 targets moved -0.18 to +0.02 dB, so the three subjects made sharp-all's loss
+#: (benchmarks/README.md, "Training on every subject but one").
+SHARP_CONTROL = [*fine_tune("weights/brain_data.json", "weights/brain-sharp", 125, "runs/brain-sharp-control"),
+                 "--max-steps", "4933"]
 STAGES = {
     "train": TRAIN,
     "extend": [*RESUME, "--max-steps", "5000"],
@@ -135,6 +142,7 @@ STAGES = {
     "heads-tune": HEADS_TUNE,
     "heads-skull": HEADS_SKULL,
     "sharp-all": SHARP_ALL,
+    "sharp-control": SHARP_CONTROL,
 }
 #: Stages whose ``--config`` is a data protocol plus model settings, written before they run: (config, protocol,
 #: model settings).
