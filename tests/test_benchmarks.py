@@ -249,3 +249,16 @@ def test_quality_scores_only_the_subjects_asked_for(brats_dir: Path, tmp_path: P
     slices = quality.Slices(dataset, dataset, pairs)
     assert {pair: set(rows) for pair, rows in quality.score(method, slices, ["TCGA-DU-7294"]).items()} == {
         str(pairs[0]): {"TCGA-DU-7294", "mean"}}
+
+
+def test_ventricle_dark_fraction_tells_t2_contrast_from_t1_contrast(brats_dir: Path) -> None:
+    """On a real subject the real T2 renders none of its CSF dark, the T1 (whose CSF is dark) nearly all of it, and
+    the histogram-inverted T1 little."""
+    import ventricle_patches  # noqa: E402  (a script folder, not a package)
+
+    folder = brats_dir / "TCGA-DU-7294"
+    t1 = ventricle_patches.volume(folder / "TCGA-DU-7294-t1n.nii.gz")
+    t2 = ventricle_patches.volume(folder / "TCGA-DU-7294-t2w.nii.gz")
+    assert ventricle_patches.dark_fraction(t1, t2, t2) == (0.0, pytest.approx(42929, rel=0.01))
+    assert ventricle_patches.dark_fraction(t1, t2, t1)[0] > 0.95
+    assert ventricle_patches.dark_fraction(t1, t2, np.where(t1 > 0, t1.max() - t1, 0))[0] < 0.05
