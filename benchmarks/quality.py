@@ -31,7 +31,8 @@ Methods (``--only`` picks some):
   pure regressor, LR 5e-4; score it with ``--steps 1``) and ``regression-l1-ssim`` (the same with the L1 and
   1 - SSIM terms of ``anchor-l1-ssim``); ``own-start`` (one level: half the samples that regression at sigma_max,
   half noised around the model's own first evaluation to sigma <= 0.5, where the sampler's second evaluation
-  sits, ``second_sigma`` 0.5).
+  sits, ``second_sigma`` 0.5); ``regression-foreground-rank`` (``no-pyramid-regression``, brain-sharp's design, with
+  the sources' darkest foreground at rank -0.5: measured against ``no-pyramid-regression``).
 - baselines: ``regression-unet`` (MONAI BasicUNet, L1, one forward pass) and ``monai-ddim`` (MONAI
   DiffusionModelUNet, DDPM training, DDIM sampling), both on the evaluated pairs for B, told the pair by
   the group of input channels the source fills; ``hist-matched`` (no training, any ``--pairs``): the source
@@ -59,6 +60,7 @@ under ``--precision auto``'s autocast, as ``phmdiff synthesize`` does. Single se
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -114,6 +116,8 @@ RUNS: dict[str, list[str]] = {
     "no-pyramid-regression": ["--levels", "1", "--config", "{work}/no-pyramid-regression.json"],
     "regression-l1-ssim": ["--levels", "1", "--config", "{work}/regression-l1-ssim.json"],
     "own-start": ["--levels", "1", "--config", "{work}/own-start.json"],
+    "regression-foreground-rank": ["--levels", "1", "--source-norm", "foreground-rank",
+                                   "--config", "{work}/regression-foreground-rank.json"],
 }
 #: The model-config overrides (``phmdiff train --config``) that the ``{work}/NAME.json`` flags above name; the
 #: protocol's data and validation subjects, and the evaluated pairs, are added to each.
@@ -128,17 +132,18 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "no-pyramid-regression": {"model": {"diffusion": {"p_sigma_max": 1.0}}},
     "regression-l1-ssim": {"model": {"diffusion": {"p_sigma_max": 1.0, "anchor_l1": 1.0, "anchor_ssim": 1.0}}},
     "own-start": {"model": {"diffusion": {"p_sigma_max": 1.0, "own_start": 0.5, "second_sigma": 0.5}}},
+    "regression-foreground-rank": {"model": {"diffusion": {"p_sigma_max": 1.0}}},
 }
 #: Candidates are changes to the engine measured against ``phmdiff`` (issue "sharp synthesis").
 CANDIDATES = ("foreground-rank", "refine-sigma-1", "anchor-l1-ssim", "lr-5e-4", "own-coarse", "two-level-own-coarse",
-              "own-start")
+              "own-start", "regression-foreground-rank")
 ROLES = {"phmdiff": "proposed",
          **{name: "ablation" for name in RUNS if name not in ("phmdiff", "plain-dit", *CANDIDATES)},
          **dict.fromkeys(CANDIDATES, "candidate"), "plain-dit": "baseline", "monai-ddim": "baseline",
          "regression-unet": "baseline", "hist-matched": "baseline"}
 #: The PHMDiff runs at the regression UNet's learning rate: ``lr-5e-4`` and the runs measured on top of it.
 AT_5E_4 = ("lr-5e-4", "own-coarse", "two-level-own-coarse", "no-pyramid-regression", "regression-l1-ssim",
-           "own-start")
+           "own-start", "regression-foreground-rank")
 #: AdamW learning rate per trained method unless ``--lr`` says otherwise (other PHMDiff runs: the trainer's 2e-4).
 DEFAULT_LR = {**dict.fromkeys(RUNS, 2e-4), **dict.fromkeys(AT_5E_4, 5e-4), "monai-ddim": 2e-4, "regression-unet": 5e-4}
 DEFAULT_BATCH = 8  # the trainer's default, for every trained method unless ``--batch`` says otherwise
@@ -269,7 +274,24 @@ def phmdiff_method(name: str, model: Path, args: argparse.Namespace, budget_min:
     settings["mirror_shift"] = shift if mirror else None
     predict_volume = as_synthesized(by_slices(predict, args.eval_batch, args.dtype),
                                     pre.card["contrast"] if contrast else {}, detail)
-    return Method(name, predict_volume, evaluated, budget, steps, params_of(pre.model), evals, settings, note)
+    return Method(name, seeing(predict_volume, cfg.source_norm), evaluated, budget, steps, params_of(pre.model),
+                  evals, settings, note)
+
+
+def seeing(predict_volume: PredictVolume, source_norm: str) -> PredictVolume:
+    """``predict_volume`` given its sources normalised by ``source_norm``, the model's own: the validation slices
+    are built once with the protocol's (``rank``), which a model trained otherwise has never seen."""
+    views: dict[int, SliceDataset] = {}
+
+    def predict_seen(dataset: SliceDataset, item: int) -> np.ndarray:
+        if dataset.source_norm == source_norm:
+            return predict_volume(dataset, item)
+        if id(dataset) not in views:
+            views[id(dataset)] = copy.copy(dataset)  # the same cache files; a fresh source cache (__getstate__)
+            views[id(dataset)].source_norm = source_norm
+        return predict_volume(views[id(dataset)], item)
+
+    return predict_seen
 
 
 def as_synthesized(predict_volume: PredictVolume, reference: dict[str, float], detail: bool = False
@@ -303,7 +325,7 @@ def train_command(name: str, args: argparse.Namespace) -> list[str]:
             "--val-slices", "1", "--val-every", never, "--checkpoint-every", never,
             "--checkpoint-minutes", never, "--minutes", str(args.minutes),
             "--batch-size", str(args.batch.get(name, DEFAULT_BATCH)), "--lr", str(args.lr[name]),
-            "--warmup-steps", str(args.warmup), "--seed", str(args.seed), *flags]
+            "--warmup-steps", str(args.warmup), "--seed", str(args.seed), "--precision", args.precision, *flags]
 
 
 def train_phmdiff_runs(names: list[str], args: argparse.Namespace) -> None:

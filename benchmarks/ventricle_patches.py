@@ -7,6 +7,7 @@ figure is the fraction of those voxels the synthetic T2 puts below its own media
 the real T2 itself; near 1 for an image that keeps the T1's dark CSF).
 
     python benchmarks/ventricle_patches.py    # ~3 min on 2 CPU cores; writes results/ventricle_patches.json
+    python benchmarks/ventricle_patches.py --model runs/x/last --variants default --out x.json   # another model
 """
 
 from __future__ import annotations
@@ -59,17 +60,24 @@ def measure(folder: Path, options: list[str], work: Path) -> dict[str, float | i
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "ventricle_patches.json")
+    parser.add_argument("--model", help="a model for every synthesis (default: phmdiff synthesize's)")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma-separated options measured on the first subject (default: {','.join(VARIANTS)})")
     args = parser.parse_args(argv)
+    model = ["--model", args.model] if args.model else []
+    if unknown := set(args.variants.split(",")) - set(VARIANTS):
+        parser.error(f"unknown --variants {','.join(sorted(unknown))}; choose from {','.join(VARIANTS)}")
+    variants = {name: VARIANTS[name] for name in args.variants.split(",")}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for index, (name, trained) in enumerate(SUBJECTS):
-            for variant, options in (VARIANTS if index == 0 else {"default": []}).items():
+            for variant, options in (variants if index == 0 else {"default": []}).items():
                 row = {"subject": Path(name).name, "trained_on": trained, "variant": variant,
-                       **measure(DATA / name, options, Path(tmp))}
+                       **measure(DATA / name, [*model, *options], Path(tmp))}
                 rows.append(row)
                 print(f"| {row['subject']} | {trained} | {variant} | {row['dark_fraction']:.3f} |", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1))
+    args.out.write_text(json.dumps({"machine": machine(), "model": args.model or "default", "rows": rows}, indent=1))
     print(f"wrote {args.out}", file=sys.stderr)
 
 

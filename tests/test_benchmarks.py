@@ -104,8 +104,9 @@ def test_quality_trains_phmdiff_runs_on_the_evaluated_pairs_like_the_baselines(t
     from phmdiff_cli.engine.settings import build_model_config, load_settings
 
     args = argparse.Namespace(work=tmp_path, cache_dir=tmp_path / "cache", minutes=30.0, batch={},
-                              lr=quality.DEFAULT_LR, warmup=20, seed=0)
+                              lr=quality.DEFAULT_LR, warmup=20, seed=0, precision="bf16")
     command = quality.train_command("anchor-l1-ssim", args)
+    assert command[command.index("--precision") + 1] == "bf16"  # every run trains in the precision asked for
     config = tmp_path / "anchor-l1-ssim.json"
     assert command[command.index("--config") + 1] == str(config)
     settings = load_settings(config, {})
@@ -124,6 +125,11 @@ def test_quality_trains_phmdiff_runs_on_the_evaluated_pairs_like_the_baselines(t
     quality.train_command("own-start", args)
     own_start = build_model_config(load_settings(tmp_path / "own-start.json", {}), sources=1).diffusion
     assert (own_start.p_sigma_max, own_start.own_start, own_start.second_sigma) == (1.0, 0.5, 0.5)
+    # brain-sharp's design with the sources' darkest foreground apart from the background
+    command = quality.train_command("regression-foreground-rank", args)
+    assert command[command.index("--source-norm") + 1] == "foreground-rank"
+    assert command[command.index("--levels") + 1] == "1" and command[command.index("--lr") + 1] == "0.0005"
+    assert load_settings(tmp_path / "regression-foreground-rank.json", {}).model["diffusion"]["p_sigma_max"] == 1.0
 
 def test_cascade_error_columns_measure_against_the_right_references() -> None:
     """Each level against the target at its own resolution; ``truth up`` is the real coarse target upsampled,
@@ -217,6 +223,18 @@ def test_clinical_inputs_scores_and_histogram_baseline_on_a_real_block() -> None
     assert clinical_inputs.scores(block * 2.0, block, mask)["ssim"] == pytest.approx(1.0)  # each on its own scale
 
 
+def test_clinical_brain_mask_is_the_same_in_every_run() -> None:
+    """The registered template mask of a raw head is drawn from seeded samples: two runs give the same voxels (an
+    unseeded draw moved the baseline of the clinical-inputs table between runs), a brain-sized volume."""
+    import clinical_inputs
+    import SimpleITK as sitk
+
+    t1 = sitk.ReadImage(str(clinical_inputs.DATA / "clinical_raw" / "OMS-raw-p04-study1" / "T1W.nii.gz"))
+    first, second = (sitk.GetArrayFromImage(clinical_inputs.brain_mask(t1)) for _ in range(2))
+    np.testing.assert_array_equal(first, second)
+    assert 1000 < first.sum() * np.prod(t1.GetSpacing()) / 1000 < 1700  # mL
+
+
 def test_quality_scores_other_pairs_only_without_training(tmp_path: Path) -> None:
     """``--pairs`` replaces the evaluated pairs for methods that need no training on them: a shipped model or the
     histogram baseline; a trained method would be trained on the default pairs, so it is refused."""
@@ -249,6 +267,29 @@ def test_quality_scores_only_the_subjects_asked_for(brats_dir: Path, tmp_path: P
     slices = quality.Slices(dataset, dataset, pairs)
     assert {pair: set(rows) for pair, rows in quality.score(method, slices, ["TCGA-DU-7294"]).items()} == {
         str(pairs[0]): {"TCGA-DU-7294", "mean"}}
+
+
+def test_quality_gives_each_model_its_sources_normalised_as_it_was_trained(brats_dir: Path, tmp_path: Path) -> None:
+    """The validation slices are built once, with ranks from -1 (the protocol's); a model trained on
+    foreground ranks gets the same slices with its own, the darkest foreground at -0.5 apart from the background."""
+    from phmdiff_cli.data.grid import ModelGrid
+    from phmdiff_cli.data.layouts import discover
+    from phmdiff_cli.data.slices import SliceDataset, parse_pairs
+
+    dataset = SliceDataset([discover(brats_dir).subject("TCGA-DU-7294")], parse_pairs("t1n:t2w"), ModelGrid(240, 1.0),
+                           tmp_path, source_norm="rank")
+    seen: list[np.ndarray] = []
+
+    def predict_volume(view: SliceDataset, item: int) -> np.ndarray:
+        seen.append(view.source_array(0, "t1n").astype(np.float32))
+        return seen[-1]
+
+    quality.seeing(predict_volume, "foreground-rank")(dataset, 0)
+    quality.seeing(predict_volume, "rank")(dataset, 0)
+    ranks, foreground = dataset.source_array(0, "t1n").astype(np.float32), seen[0] > -1
+    assert dataset.source_norm == "rank" and ranks[foreground].min() < -0.99
+    assert np.isclose(seen[0][foreground].min(), -0.5, atol=0.01) and np.all(ranks[~foreground] == -1)
+    np.testing.assert_array_equal(seen[1], ranks)
 
 
 def test_ventricle_dark_fraction_tells_t2_contrast_from_t1_contrast(brats_dir: Path) -> None:
