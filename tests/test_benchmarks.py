@@ -23,6 +23,7 @@ class _Volume:
     def __init__(self, depth: int) -> None:
         self.items = [(0, quality.Pair(("t1n",), "t2w"))]
         self.subjects = [argparse.Namespace(depth=depth)]
+        self.source_norm = "rank"  # the protocol's, as the models here were trained
 
     def array(self, subject: int, modality: str) -> np.ndarray:
         return np.full((self.subjects[subject].depth, 8, 8), -1.0, dtype=np.float32)
