@@ -86,15 +86,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     dtype = resolve_precision(args.precision, torch.device("cpu"))
     rows = []
     for path in args.model:
-        model = load_pretrained(path).model
-        for item, (subject, pair) in enumerate(slices.val.items):
-            depth = slices.val.subjects[subject].depth
+        pretrained = load_pretrained(path)
+        model, val = pretrained.model, quality.seen_as(slices.val, pretrained.config.source_norm)
+        for item, (subject, pair) in enumerate(val.items):
+            depth = val.subjects[subject].depth
             zs = np.linspace(depth * 0.3, depth * 0.7, args.slices).round().astype(int)
-            samples = [slices.val[(item, int(z), 0)] for z in zs]
+            samples = [val[(item, int(z), 0)] for z in zs]
             batch = {name: torch.stack([s[name] for s in samples]) for name in samples[0]}
             with autocast(torch.device("cpu"), dtype):
                 errors = cascade_errors(model, batch, args.seed)
-            row = {"model": str(path), "pair": str(pair), "subject": slices.val.subjects[subject].id, **errors}
+            row = {"model": str(path), "pair": str(pair), "subject": val.subjects[subject].id, **errors}
             print("#", json.dumps(row), flush=True)
             rows.append(row)
     return {"machine": machine(), "precision": str(dtype), "slices_per_subject": args.slices, "rows": rows}

@@ -278,17 +278,23 @@ def phmdiff_method(name: str, model: Path, args: argparse.Namespace, budget_min:
                   evals, settings, note)
 
 
+def seen_as(dataset: SliceDataset, source_norm: str) -> SliceDataset:
+    """``dataset`` with its sources normalised by ``source_norm``, a model's own: the validation slices are built
+    once with the protocol's (``rank``), which a model trained otherwise has never seen."""
+    if dataset.source_norm == source_norm:
+        return dataset
+    view = copy.copy(dataset)  # the same cache files; a fresh source cache (__getstate__)
+    view.source_norm = source_norm
+    return view
+
+
 def seeing(predict_volume: PredictVolume, source_norm: str) -> PredictVolume:
-    """``predict_volume`` given its sources normalised by ``source_norm``, the model's own: the validation slices
-    are built once with the protocol's (``rank``), which a model trained otherwise has never seen."""
+    """``predict_volume`` given each dataset :func:`seen_as` the model sees it (one view per dataset)."""
     views: dict[int, SliceDataset] = {}
 
     def predict_seen(dataset: SliceDataset, item: int) -> np.ndarray:
-        if dataset.source_norm == source_norm:
-            return predict_volume(dataset, item)
         if id(dataset) not in views:
-            views[id(dataset)] = copy.copy(dataset)  # the same cache files; a fresh source cache (__getstate__)
-            views[id(dataset)].source_norm = source_norm
+            views[id(dataset)] = seen_as(dataset, source_norm)
         return predict_volume(views[id(dataset)], item)
 
     return predict_seen

@@ -291,6 +291,7 @@ def test_quality_gives_each_model_its_sources_normalised_as_it_was_trained(brats
     assert dataset.source_norm == "rank" and ranks[foreground].min() < -0.99
     assert np.isclose(seen[0][foreground].min(), -0.5, atol=0.01) and np.all(ranks[~foreground] == -1)
     np.testing.assert_array_equal(seen[1], ranks)
+    assert quality.seen_as(dataset, "rank") is dataset  # cascade_error.py's view: a copy only where it differs
 
 
 def test_ventricle_dark_fraction_tells_t2_contrast_from_t1_contrast(brats_dir: Path) -> None:
