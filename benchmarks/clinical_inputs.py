@@ -4,8 +4,9 @@ Data: ``../shared/data/clinical_raw/`` (two MS patients, CC BY; Lesjak et al., N
 and FLAIR, each on its own grid (0.5-0.9 mm in-plane, 3-4 mm slices), with the rigid ITK transforms that align the
 T1W and the T2W onto the FLAIR. For each subject and target (T2W, FLAIR), from the raw T1W:
 
-- ``raw``: ``phmdiff synthesize`` as a user would run it (the Synthesizer, its default settings);
-- ``brain-mask``: the same with ``--brain-mask`` (the mask below);
+- ``raw``: ``phmdiff synthesize`` as a user would run it (the Synthesizer, its default settings; without ``--model``
+  the default models: brain-heads for these heads with skull);
+- ``brain-mask``: the same with ``--brain-mask`` (the mask below; without ``--model``, brain-sharp);
 - ``hist-matched``: the T1W itself (inverted for T2W), mapped by quantiles onto the *real* target's histogram
   inside the evaluation mask (an oracle histogram, as in ``quality.py``).
 
@@ -21,7 +22,8 @@ subject's T1W by an affine registration of the SPM12 avg152 T1 template (SimpleI
 the skull's inner surface to within a few millimetres, not the brain's folds, so it keeps some CSF and, where the
 skull is thin, some meninges; its volume per subject is in the results (the training brains had 1016-1679 mL).
 
-    python benchmarks/clinical_inputs.py      # ~10 min on 2 CPU cores; writes results/clinical_inputs.json
+    python benchmarks/clinical_inputs.py      # ~3 min on 2 CPU cores; writes results/clinical_inputs.json
+    python benchmarks/clinical_inputs.py --model weights/brain-sharp --out /tmp/s.json --figure /tmp/s.png  # one model
     python benchmarks/clinical_inputs.py --contrast off --out /tmp/off.json --figure /tmp/off.png   # uncalibrated
 """
 
@@ -34,13 +36,14 @@ from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
+import torch
 from baselines import match_quantiles
-from engine_speed import DATA, ROOT, cpu_model
+from engine_speed import DATA, ROOT, machine
 from scipy import ndimage
 
 from phmdiff_cli.data.normalize import IntensityParams, foreground_mask, unit_scale
-from phmdiff_cli.engine.hub import DEFAULT_MODEL
-from phmdiff_cli.engine.synthesizer import SynthesisSettings, Synthesizer
+from phmdiff_cli.engine.device import resolve_precision
+from phmdiff_cli.engine.synthesizer import SynthesisSettings, Synthesizer, load_synthesizer
 from phmdiff_cli.engine.validation import write_preview
 from phmdiff_cli.io import Volume, read_volume
 from phmdiff_cli.metrics.evaluate import EvalSettings, Scaled, image_scores
@@ -155,20 +158,24 @@ def to_model_range_2d(tile: np.ndarray) -> np.ndarray:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=str(ROOT / "weights" / DEFAULT_MODEL))
+    parser.add_argument("--model", help="one model for every input (default: phmdiff synthesize's default models)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "clinical_inputs.json")
     parser.add_argument("--figure", type=Path, default=ROOT / "examples" / "clinical_raw_t2.png")
     parser.add_argument("--contrast", choices=("model", "on", "off"), default="model",
                         help="contrast calibration (synthesize --contrast): the model's default, on or off")
     args = parser.parse_args()
-    info, device, dtype, pretrained = cpu_model(args.model)
+    info, device = machine(), torch.device("cpu")
+    dtype = resolve_precision("auto", device)
     contrast = {"model": None, "on": True, "off": False}[args.contrast]
-    synth = Synthesizer(pretrained, device, dtype, SynthesisSettings(contrast=contrast))
+    synth = load_synthesizer(args.model, device, dtype, SynthesisSettings(contrast=contrast))
+    print(f"# {info['cpu']}, {info['cores']} cores, precision {dtype}, model {synth.pretrained.path}"
+          f"{f' (heads: {synth.heads.pretrained.path})' if synth.heads else ''}", flush=True)
     figure: list[Any] = []
     results = {subject: run_subject(subject, synth, figure) for subject in SUBJECTS}
     # A model trained on raw heads (weights/brain_small.py heads) has seen some of these subjects: the mean is
     # over the others (all, if it saw both), and each subject's row says whether it was trained on.
-    trained = set(pretrained.card.get("training", {}).get("subjects", {}).get("train", []))
+    trained = {sid for each in (synth, synth.heads) if each is not None
+               for sid in each.pretrained.card.get("training", {}).get("subjects", {}).get("train", [])}
     for subject, found in results.items():
         found["in_training"] = subject.removesuffix("-study1") in trained
     held_out = [s for s in SUBJECTS if not results[s]["in_training"]] or list(SUBJECTS)
@@ -177,7 +184,10 @@ def main() -> None:
                                                              for s in held_out])), 4) for m in ("psnr", "ssim")}
                                for arm in arms} for region in ("brain", "head")}
              for target in TARGETS}
-    report = {"machine": info, "model": args.model, "weights_sha256": pretrained.card.get("sha256"),
+    report = {"machine": info, "model": str(synth.pretrained.path),
+              "weights_sha256": synth.pretrained.card.get("sha256"),
+              "heads_model": str(synth.heads.pretrained.path) if synth.heads else None,
+              "heads_weights_sha256": synth.heads.pretrained.card.get("sha256") if synth.heads else None,
               "contrast": args.contrast, "subjects": results, "mean_over": held_out, "mean": means}
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     write_preview(args.figure, [(label, *(to_model_range_2d(t) for t in tiles)) for label, *tiles in figure])

@@ -15,8 +15,9 @@ from typer.testing import CliRunner
 
 from phmdiff_cli.cli.app import app
 from phmdiff_cli.data.grid import ModelGrid
+from phmdiff_cli.data.normalize import foreground_mask
 from phmdiff_cli.data.preprocess import prepare_volume, resample_onto, shows_skull, thicken_onto, thin_slices
-from phmdiff_cli.engine.hub import DEFAULT_MODEL
+from phmdiff_cli.engine.hub import DEFAULT_MODEL, HEADS_MODEL
 from phmdiff_cli.engine.input_domain import HEAD_ML, check, measure
 from phmdiff_cli.io import Volume, canonical_grid, read_volume
 
@@ -147,11 +148,12 @@ def test_an_empty_brain_mask_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_a_thick_slice_head_is_synthesized_thin_and_put_back_on_its_grid(data_dir: Path, tmp_path: Path) -> None:
-    """Six 3 mm slices of a raw clinical T1 (skull on): both warnings in --json, 16 thin slices synthesized, the
-    output on the source's exact grid; the default model's contrast calibration skipped, with a note."""
+    """Six 3 mm slices of a raw clinical T1 (skull on) given to the brain model: both warnings in --json, 16 thin
+    slices synthesized, the output on the source's exact grid; the contrast calibration skipped, with a note."""
     source = _slab(data_dir / "clinical_raw" / "OMS-raw-p04-study1" / "T1W.nii.gz", tmp_path / "t1.nii.gz", 20, 26)
     out = tmp_path / "t2.nii.gz"
-    case = _synthesize("--src", str(source), "--src-modality", "t1", "--target", "t2", "-o", str(out))
+    case = _synthesize("--src", str(source), "--src-modality", "t1", "--target", "t2", "-o", str(out),
+                       "--model", DEFAULT_MODEL)
     assert len(case["warnings"]) == 2 and SKULL in case["warnings"][0] and "3 mm apart" in case["warnings"][1]
     assert case["slices"] == 16 and any("resampled to 1 mm" in note for note in case["notes"])
     synthetic = read_volume(out)
@@ -159,8 +161,49 @@ def test_a_thick_slice_head_is_synthesized_thin_and_put_back_on_its_grid(data_di
     # the contrast reference holds for brains like the training ones: skipped here, unless asked for
     assert case["contrast_gamma"] is None and any("contrast calibration skipped" in n for n in case["notes"])
     forced = _synthesize("--src", str(source), "--src-modality", "t1", "--target", "t2", "-o", str(out), "--force",
-                         "--contrast")
+                         "--contrast", "--model", DEFAULT_MODEL)
     assert forced["contrast_gamma"] is not None and not any("contrast" in n for n in forced["notes"])
+
+
+def _real_t2_on(t1: Path, subject: Path) -> np.ndarray:
+    """The subject's real T2W on the grid of ``t1`` (a part of its T1W), moved by the two rigid transforms that
+    come with it (each maps FLAIR points to its image's points)."""
+    to_t2 = sitk.CompositeTransform([sitk.ReadTransform(str(subject / "T1W_to_FLAIR.txt")).GetInverse(),
+                                     sitk.ReadTransform(str(subject / "T2W_to_FLAIR.txt"))])
+    to_t2.FlattenTransform()
+    grid = sitk.ReadImage(str(t1))
+    moved = sitk.Resample(sitk.ReadImage(str(subject / "T2W.nii.gz")), grid, to_t2, sitk.sitkLinear, 0.0)
+    return sitk.GetArrayFromImage(moved).astype(np.float32)
+
+
+def test_without_model_a_head_goes_to_the_heads_model(data_dir: Path, tmp_path: Path) -> None:
+    """Without --model, a raw head with skull (six 3 mm slices of a T1 no shipped model trained on) is synthesized
+    by HEADS_MODEL, with a note and no skull warning, and its T2 follows the real one over the whole head far more
+    closely than the brain model's (which paints a ring where the skull is); a brain, or the head with
+    --brain-mask, stays with DEFAULT_MODEL."""
+    subject = data_dir / "clinical_raw" / "OMS-raw-p04-study1"
+    source = _slab(subject / "T1W.nii.gz", tmp_path / "t1.nii.gz", 20, 26)
+    args = ("--src", str(source), "--src-modality", "t1", "--target", "t2")
+    routed = _synthesize(*args, "-o", str(tmp_path / "heads.nii.gz"))
+    pinned = _synthesize(*args, "-o", str(tmp_path / "brain.nii.gz"), "--model", DEFAULT_MODEL)
+    assert Path(routed["model"]).name == HEADS_MODEL and routed["heads_model"] == routed["model"]
+    assert "shows a head with skull" in routed["notes"][0] and not any(SKULL in w for w in routed["warnings"])
+    assert Path(pinned["model"]).name == DEFAULT_MODEL and pinned["heads_model"] is None
+    assert any(SKULL in w for w in pinned["warnings"])
+    real = _real_t2_on(source, subject)
+    head = foreground_mask(sitk.GetArrayFromImage(sitk.ReadImage(str(source))), "t1n") & (real > 0)
+    def follows(name: str) -> float:
+        return float(np.corrcoef(read_volume(tmp_path / name).array[head], real[head])[0, 1])
+
+    assert follows("heads.nii.gz") > follows("brain.nii.gz") + 0.2, (follows("heads.nii.gz"), follows("brain.nii.gz"))
+
+    mask = tmp_path / "mask.nii.gz"
+    sitk.WriteImage(_disk_mask(read_volume(source), radius_mm=60.0).to_sitk(), str(mask))
+    masked = _synthesize(*args, "-o", str(tmp_path / "masked.nii.gz"), "--brain-mask", str(mask))
+    brain = _synthesize("--src", str(_slab(EXAMPLE, tmp_path / "brain-t1n.nii.gz", 70, 74)), "--target", "t2",
+                        "-o", str(tmp_path / "brain-t2.nii.gz"))
+    for case in (masked, brain):
+        assert Path(case["model"]).name == DEFAULT_MODEL and not any("head with skull" in n for n in case["notes"])
 
 
 def test_thin_then_thicken_returns_the_thick_grid_and_values(data_dir: Path) -> None:

@@ -1,5 +1,6 @@
-"""The shipped default model (``brain-sharp``): its card and files, `phmdiff models list`, and `phmdiff synthesize`
-with it on a held-out subject (tests/test_contrast.py scores its whole volume against a histogram bar)."""
+"""The shipped default model (``brain-sharp``) and the one for heads (``brain-heads``): their cards and files,
+`phmdiff models list`, and `phmdiff synthesize` with the default on a held-out subject (tests/test_contrast.py
+scores its whole volume against a histogram bar)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from typer.testing import CliRunner
 from phmdiff_cli.cli.app import app
 from phmdiff_cli.data.normalize import foreground_mask
 from phmdiff_cli.engine.checkpoint import load_model
-from phmdiff_cli.engine.hub import CARD_FILE, DEFAULT_MODEL, SHIPPED_WEIGHTS, WEIGHTS_FILE
+from phmdiff_cli.engine.hub import CARD_FILE, DEFAULT_MODEL, HEADS_MODEL, SHIPPED_WEIGHTS, WEIGHTS_FILE
+from phmdiff_cli.engine.input_domain import HEAD_ML
 from phmdiff_cli.engine.pretrained import load_pretrained
 from phmdiff_cli.io import read_volume
 
@@ -43,6 +45,20 @@ def test_card_files_and_held_out_subject() -> None:
     assert sum(t.numel() for t in state.values()) == sum(
         p.numel() for p in load_pretrained(SHIPPED).model.parameters())
     assert json.loads((SHIPPED / CARD_FILE).read_text())["sha256"] == card["sha256"]
+
+
+def test_heads_model_card_and_files() -> None:
+    """HEADS_MODEL, which synthesize gives heads with skull: brain-sharp's pairs, told whether it gets a head,
+    trained on the brains and a raw head, the other raw head held out; its input domain reaches head size."""
+    state, card = load_model(SHIPPED_WEIGHTS / HEADS_MODEL)  # checks the weights' sha256
+    assert (SHIPPED_WEIGHTS / HEADS_MODEL / WEIGHTS_FILE).stat().st_size < 30 * 2**20
+    assert card["pairs"] == PAIRS and card["model"]["skull_condition"] and "skull_embed.weight" in state
+    subjects = card["training"]["subjects"]
+    assert "OMS-raw-p01" in subjects["train"] and sorted(subjects["val"]) == sorted([*VALIDATION, "OMS-raw-p04"])
+    assert set(card["training"]["licences"]) == {*subjects["train"], *subjects["val"]}
+    assert card["input_domain"]["foreground_ml"][1] > HEAD_ML > card["input_domain"]["foreground_ml"][0]
+    # fine-tuned from the shipped brain model, these very weights
+    assert card["training"]["init"]["sha256"] == json.loads((SHIPPED / CARD_FILE).read_text())["sha256"]
 
 
 def test_models_list_shows_the_shipped_model() -> None:

@@ -13,7 +13,8 @@ copy of a run's last model into ``weights/<name>`` with a card that names the tr
     python weights/brain_small.py sharp-extend  # resume it to 200 minutes, the LR decaying over the last 30
     python weights/brain_small.py heads    # heads with skull as training subjects, in runs/heads-data (~1 min)
     python weights/brain_small.py heads-tune    # brain-sharp fine-tuned on brains and a head (45 min; not shipped)
-    python weights/brain_small.py heads-skull   # the same, told whether the sources show a skull (3000 steps)
+    python weights/brain_small.py heads-skull   # the same, told whether the sources show a skull (3000 steps);
+                                                # ship runs/brain-heads-skull brain-heads
     python weights/brain_small.py sharp-all     # brain-sharp fine-tuned on every subject but one (100 min; not shipped)
     python weights/brain_small.py sharp-control # its control: the same 4933 steps on the eight subjects (not shipped)
 
@@ -115,7 +116,8 @@ HEADS_TUNE = fine_tune("weights/brain_heads.json", "weights/brain-sharp", 45, "r
 #: the same T1 ranks mean other tissues in a head than in a stripped brain. Its config is brain_heads.json plus
 #: ``SKULL_MODEL`` (written to ``runs/brain-heads-skull.json``). Measured at 45 minutes on heads with noisy air, then
 #: at 90 on heads with the air 0 (benchmarks/README.md, "The output confined to the sources"), then to 3000 steps
-#: (its LR schedule on steps; 90 minutes bound it where a machine is slower): not shipped.
+#: (its LR schedule on steps; 90 minutes bound it where a machine is slower): shipped as ``weights/brain-heads``,
+#: the model ``phmdiff synthesize`` picks by default for sources that show a head with skull.
 SKULL_MODEL = {"skull_condition": True}
 HEADS_SKULL = [*fine_tune("runs/brain-heads-skull.json", "weights/brain-sharp", 90, "runs/brain-heads-skull"),
                "--max-steps", "3000"]
@@ -172,6 +174,9 @@ RECIPES = {
                    "weights/brain_data.json, 200 minutes)",
     "brain-heads": "python weights/brain_small.py sharp, sharp-extend, heads, then heads-tune (brain-sharp "
                    "fine-tuned on weights/brain_heads.json: the brains and heads with skull)",
+    "brain-heads-skull": "python weights/brain_small.py sharp, sharp-extend, heads, then heads-skull (brain-sharp "
+                         "fine-tuned 3000 steps on weights/brain_heads.json, the brains and a head with skull, told "
+                         "which of the two the sources show)",
 }
 
 
@@ -199,6 +204,17 @@ CARD_NOTES = {
                        "target's histogram) on T1 -> T2 SSIM on one of two and on T1c -> FLAIR PSNR on two of four "
                        f"(benchmarks/README.md); {NON_COMMERCIAL}",
     },
+    "brain-heads": {
+        "intended_use": f"{INTENDED_USE}; the default for sources that show a head with skull (phmdiff synthesize "
+                        "without --model and without --brain-mask): a whole-head output; brain-sharp's finishing "
+                        "steps",
+        "limitations": "trained on the eight skull-stripped brains of brain-sharp and one raw clinical head with skull "
+                       "(an MS patient's 3 mm T1, T2 and FLAIR, resampled to 1 mm), told which of the two it gets; "
+                       "heads from other scanners, children, CT or other organs not seen. On the held-out raw head "
+                       "below a histogram-matched T1 (with the real T2's histogram) on T1 -> T2 inside the brain, and "
+                       "0.5 dB below brain-sharp on a skull-stripped validation brain (benchmarks/README.md, "
+                       f"\"Training on heads\"); {NON_COMMERCIAL}",
+    },
 }
 
 
@@ -208,6 +224,7 @@ CARD_NOTES = {
 #: both subjects (a three-level sampler's output is not a blurred mean: not measured on brain-small, left off);
 #: test-time mirroring raised brain-sharp's mean SSIM on all ten pairs (measured on it only).
 FINISHING = {"brain-sharp": {"contrast": True, "source_detail": True, "mirror": True},
+             "brain-heads": {"contrast": True, "source_detail": True, "mirror": True},
              "brain-small": {"contrast": False, "source_detail": False, "mirror": False}}
 
 

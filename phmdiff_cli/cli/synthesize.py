@@ -30,7 +30,7 @@ from rich.progress import (
 
 from phmdiff_cli import __version__
 from phmdiff_cli.cli.common import cli_command, console, emit_json, fail, parse_steps, state
-from phmdiff_cli.engine.hub import DEFAULT_MODEL
+from phmdiff_cli.engine.hub import DEFAULT_MODEL, HEADS_MODEL
 from phmdiff_cli.errors import EXIT_INTERNAL, EXIT_PARTIAL, InputError, PhmdiffError
 from phmdiff_cli.io import Volume, read_volume, write_volume
 from phmdiff_cli.io.atomic import atomic_path, check_output
@@ -255,11 +255,12 @@ def synthesize(
         "(DICOM series). A pattern with {stem}, {name}, {parent} of the first source, e.g. "
         "'out/{stem}_t2w.nii.gz'.",
     ),
-    model: str = typer.Option(
-        DEFAULT_MODEL,
+    model: str | None = typer.Option(
+        None,
         "--model",
         "-m",
-        help="A model folder, .safetensors file, run folder, shipped name, or hf://org/repo (@rev pins one).",
+        help=f"A model folder, .safetensors file, run folder, shipped name, or hf://org/repo (@rev pins one); "
+        f"default: {DEFAULT_MODEL}, and {HEADS_MODEL} for a source that shows a head with skull (no --brain-mask).",
     ),
     src_modality: list[str] | None = typer.Option(
         None,
@@ -358,9 +359,8 @@ def synthesize(
 
     Exit codes: 0 ok, 1 internal error, 2 bad input, 3 some cases of a --list failed (the others are written).
     """
-    from phmdiff_cli.engine.device import compile_model, resolve_device, resolve_precision
-    from phmdiff_cli.engine.pretrained import load_pretrained
-    from phmdiff_cli.engine.synthesizer import SynthesisSettings, Synthesizer
+    from phmdiff_cli.engine.device import resolve_device, resolve_precision
+    from phmdiff_cli.engine.synthesizer import SynthesisSettings
 
     target = canonical_modality(target)
     modalities = [canonical_modality(m) for m in src_modality or []]
@@ -379,12 +379,8 @@ def synthesize(
 
     dev = resolve_device(device)
     dtype = resolve_precision(precision, dev)
-    pretrained = load_pretrained(model, dev) if any(c.error is None for c in cases) else None
-    synth = None
-    if pretrained is not None:
-        if compile_model_:
-            compile_model(pretrained.model)
-        synth = Synthesizer(pretrained, dev, dtype, settings)
+    synth = _synthesizer(model, dev, dtype, settings, compile_model_) if any(c.error is None for c in cases) else None
+    heads = synth.heads.pretrained if synth is not None and synth.heads is not None else None
     common = {
         "device": str(dev),
         "precision": _PRECISION_NAMES[str(dtype)],
@@ -393,14 +389,16 @@ def synthesize(
         "steps": list(synth.steps) if synth else None,
         "sampler": synth.sampler if synth else None,
         "batch_size": synth.batch_size if synth else None,
-        "model": str(pretrained.path) if pretrained else model,
+        "model": str(synth.pretrained.path) if synth else model or DEFAULT_MODEL,
+        "heads_model": str(heads.path) if heads else None,
         "source_detail": synth.source_detail if synth else None,
         "mirror": synth.mirror if synth else None,
-        "weights_sha256": pretrained.card.get("sha256") if pretrained else None,
+        "weights_sha256": synth.pretrained.card.get("sha256") if synth else None,
     }
     if synth is not None and not quiet:
         console.print(
-            f"Model {common['model']} (sha256 {str(common['weights_sha256'])[:12]}), pairs "
+            f"Model {common['model']} (sha256 {str(common['weights_sha256'])[:12]})"
+            f"{f', for heads with skull {heads.path}' if heads else ''}, pairs "
             f"{', '.join(map(str, synth.pretrained.pairs))}; device {dev}, {common['precision']}, batch "
             f"{synth.batch_size}, steps {','.join(map(str, synth.steps))} ({synth.sampler}), seed {seed}"
         )
@@ -428,6 +426,18 @@ def synthesize(
         others = "; the others were written" if len(failed) < len(cases) else ""
         console.print(f"[bold red]{len(failed)} of {len(cases)} cases failed[/]{others}.")
         raise typer.Exit(EXIT_PARTIAL)
+
+
+def _synthesizer(model: str | None, device: Any, dtype: Any, settings: Any, compile_: bool) -> Synthesizer:
+    """:func:`~phmdiff_cli.engine.synthesizer.load_synthesizer`, its networks compiled when asked."""
+    from phmdiff_cli.engine.device import compile_model
+    from phmdiff_cli.engine.synthesizer import load_synthesizer
+
+    synth = load_synthesizer(model, device, dtype, settings)
+    for each in (synth, synth.heads) if compile_ else ():
+        if each is not None:
+            compile_model(each.pretrained.model)
+    return synth
 
 
 def _run_all(
@@ -553,4 +563,6 @@ def _run_case(
         "warnings": result.warnings,
         "contrast_gamma": None if result.contrast_gamma is None else round(result.contrast_gamma, 4),
         **common,
+        "model": result.model,
+        "weights_sha256": result.weights_sha256,
     }

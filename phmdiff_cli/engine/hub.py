@@ -12,7 +12,7 @@ from pathlib import Path
 
 from phmdiff_cli.errors import InputError
 
-__all__ = ["WEIGHTS_FILE", "CARD_FILE", "DEFAULT_MODEL", "HF_SCHEME", "WEIGHTS_ENV", "SHIPPED_WEIGHTS",
+__all__ = ["WEIGHTS_FILE", "CARD_FILE", "DEFAULT_MODEL", "HEADS_MODEL", "HF_SCHEME", "WEIGHTS_ENV", "SHIPPED_WEIGHTS",
            "RUN_SUBFOLDERS", "weights_dirs", "available_models", "resolve_model"]
 
 #: A model folder holds these two files (this module imports no torch, so the CLI starts fast).
@@ -21,6 +21,9 @@ CARD_FILE = "config.json"
 #: The model ``--model`` defaults to: the shipped ``weights/brain-sharp/`` (``brain-small``, the earlier default,
 #: stays available by name).
 DEFAULT_MODEL = "brain-sharp"
+#: The model ``phmdiff synthesize`` without ``--model`` gives the cases whose source shows a head with skull (and
+#: that come without ``--brain-mask``): the shipped ``weights/brain-heads/``, brain-sharp fine-tuned on heads too.
+HEADS_MODEL = "brain-heads"
 HF_SCHEME = "hf://"
 WEIGHTS_ENV = "PHMDIFF_WEIGHTS"
 #: ``weights/`` of the repository (an editable install or a source checkout).

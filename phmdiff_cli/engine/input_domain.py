@@ -18,10 +18,12 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from phmdiff_cli.data.normalize import foreground_mask
+from phmdiff_cli.data.preprocess import HEAD_AREA_CM2
 from phmdiff_cli.io import Volume, to_canonical
 from phmdiff_cli.modalities import is_ct
 
-__all__ = ["InputStats", "measure", "domain_of", "check", "VOLUME_MARGIN", "AREA_MARGIN", "SPACING_MARGIN", "HEAD_ML"]
+__all__ = ["InputStats", "measure", "shows_head", "domain_of", "check", "VOLUME_MARGIN", "AREA_MARGIN",
+           "SPACING_MARGIN", "HEAD_ML"]
 
 #: An input whose foreground volume or largest cross-section exceeds the largest training image's by this factor
 #: is not what the model saw (the largest adult brains are ~1.2 times the training brains; heads with skull 1.4+).
@@ -66,6 +68,13 @@ def measure(volume: Volume, modality: str, mask: Volume | None = None) -> InputS
     sx, sy, sz = (float(s) for s in canonical.spacing)
     areas = fg.reshape(fg.shape[0], -1).sum(axis=1) * (sx * sy / 100.0)
     return InputStats(float(fg.sum()) * sx * sy * sz / 1000.0, float(areas.max(initial=0.0)), max(sx, sy), sz)
+
+
+def shows_head(volume: Volume, modality: str) -> bool:
+    """Whether an image as read shows a head with skull, not a skull-stripped brain: its largest axial foreground
+    cross-section exceeds :data:`~phmdiff_cli.data.preprocess.HEAD_AREA_CM2` (the rule a ``skull_condition`` model
+    is told by, on its own grid), so a slab of a few slices counts too."""
+    return measure(volume, modality).max_area_cm2 > HEAD_AREA_CM2
 
 
 def domain_of(stats: Sequence[InputStats]) -> dict[str, Any]:

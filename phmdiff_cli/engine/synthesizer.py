@@ -40,8 +40,9 @@ from phmdiff_cli.data.slices import Pair, source_stack
 from phmdiff_cli.diffusion import sample
 from phmdiff_cli.engine.contrast import calibrate_model_range
 from phmdiff_cli.engine.device import autocast, configure_backends
-from phmdiff_cli.engine.input_domain import check, measure
-from phmdiff_cli.engine.pretrained import Pretrained
+from phmdiff_cli.engine.hub import DEFAULT_MODEL, HEADS_MODEL, available_models
+from phmdiff_cli.engine.input_domain import check, measure, shows_head
+from phmdiff_cli.engine.pretrained import Pretrained, load_pretrained
 from phmdiff_cli.engine.source_detail import add_source_detail
 from phmdiff_cli.engine.source_support import confine, source_foreground
 from phmdiff_cli.errors import EXIT_INTERNAL, InputError, PhmdiffError
@@ -55,6 +56,7 @@ __all__ = [
     "SynthesisSettings",
     "Synthesis",
     "Synthesizer",
+    "load_synthesizer",
     "match_pair",
     "output_params",
     "slice_bytes",
@@ -133,6 +135,8 @@ class Synthesis:
         contrast_gamma: the exponent of the contrast calibration (:func:`~phmdiff_cli.engine.contrast.calibrate`);
             None when it did not run (a CT target, a model that leaves it off, ``contrast=False``, or sources
             outside the card's ``input_domain`` under the model's default).
+        model: the folder (or file) of the model that synthesized it, and ``weights_sha256`` its weights' hash
+            from the card: the heads model when :class:`Synthesizer` handed a head to it.
     """
 
     image: Volume
@@ -145,6 +149,8 @@ class Synthesis:
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     contrast_gamma: float | None = None
+    model: str = ""
+    weights_sha256: str | None = None
 
 
 def match_pair(pretrained: Pretrained, modalities: Sequence[str], target: str) -> Pair:
@@ -222,6 +228,9 @@ class Synthesizer:
         device: where it runs.
         dtype: autocast dtype (``torch.bfloat16`` / ``torch.float16``) or None for fp32.
         settings: sampling settings.
+        heads: the synthesizer of a model trained on heads with skull, given the cases whose first source shows
+            one (:func:`~phmdiff_cli.engine.input_domain.shows_head`) and that come without a brain mask; None: this
+            model takes every case.
 
     Raises:
         InputError: steps or sampler that do not fit the model, or contrast calibration asked of a model whose
@@ -234,6 +243,7 @@ class Synthesizer:
         device: torch.device,
         dtype: torch.dtype | None,
         settings: SynthesisSettings,
+        heads: Synthesizer | None = None,
     ) -> None:
         cfg = pretrained.config
         steps = cfg.sampling.steps if settings.steps is None else settings.steps
@@ -256,6 +266,7 @@ class Synthesizer:
             raise InputError(f"{pretrained.path}: the model card has no contrast reference",
                              hint="leave out --contrast: the card predates the measurement (ship or train it again)")
         self.pretrained, self.device, self.dtype, self.settings = pretrained, device, dtype, settings
+        self.heads = heads
         self.backends = configure_backends(device)
         draws = settings.samples * (2 if self.mirror else 1)  # a mirrored copy of a slice costs one more draw
         self.batch_size = settings.batch_size or default_batch_size(pretrained, device, draws)
@@ -272,7 +283,9 @@ class Synthesizer:
 
         The output is on the grid of ``sources[0]``; the others are resampled onto it (linear) when needed. Slices
         thicker than the model's are made thin for synthesis (:func:`thin_slices`) and the output averaged back
-        onto them (:func:`thicken_onto`), so that a slice's 2.5-D context holds its physical neighbours.
+        onto them (:func:`thicken_onto`), so that a slice's 2.5-D context holds its physical neighbours. A case
+        whose first source shows a head with skull, given without a mask, goes to the ``heads`` synthesizer when
+        there is one.
 
         Args:
             sources: the source images, first one's grid = the output's.
@@ -292,6 +305,13 @@ class Synthesizer:
                     path=volume.meta.get("path"),
                     hint="name the file by modality (e.g. ID-t1n.nii.gz) or give --src-modality",
                 )
+        first = sources[0]
+        if self.heads is not None and mask is None and not is_ct(first.modality) and shows_head(first, first.modality):
+            result = self.heads.run(sources, target, on_batch=on_batch)
+            result.notes.insert(0, f"{first.meta.get('path', 'the first source')} shows a head with skull: "
+                                   f"synthesized by {self.heads.pretrained.path.name}, the model trained on heads too "
+                                   "(--model picks one model for every input)")
+            return result
         pair = match_pair(self.pretrained, [v.modality for v in sources], target)  # type: ignore[misc]
         start = time.perf_counter()
         notes: list[str] = [w for v in sources for w in v.meta.get("warnings", [])]
@@ -348,7 +368,7 @@ class Synthesizer:
             std_image = self._restore(std - 1.0, scale, transform, work[0], reference, mask, 0.0)
         seconds["restore"] = time.perf_counter() - start
         return Synthesis(image, std_image, pair, mean.shape[0], mean.shape[0] - todo, self.batch_size, seconds,
-                         notes, warned, gamma)
+                         notes, warned, gamma, str(self.pretrained.path), self.pretrained.card.get("sha256"))
 
     def _check_inputs(self, sources: Sequence[Volume], mask: Volume | None) -> list[str]:
         """Warnings for sources unlike the training images (the card's ``input_domain``; none without one)."""
@@ -488,3 +508,16 @@ class Synthesizer:
                 "the synthesized image has NaN or infinite values", hint="run again with --precision fp32"
             )
         return mean[:, 0].float().cpu().numpy(), None if std is None else std[:, 0].float().cpu().numpy()
+
+
+def load_synthesizer(
+    model: str | None, device: torch.device, dtype: torch.dtype | None, settings: SynthesisSettings
+) -> Synthesizer:
+    """The synthesizer of ``model`` (any ``--model`` spec); for None, of the shipped
+    :data:`~phmdiff_cli.engine.hub.DEFAULT_MODEL`, handing the cases that show a head with skull to
+    :data:`~phmdiff_cli.engine.hub.HEADS_MODEL` where that is installed (what ``phmdiff synthesize`` does without
+    ``--model``)."""
+    heads = None
+    if model is None and HEADS_MODEL in available_models():
+        heads = Synthesizer(load_pretrained(HEADS_MODEL, device), device, dtype, settings)
+    return Synthesizer(load_pretrained(model or DEFAULT_MODEL, device), device, dtype, settings, heads)
