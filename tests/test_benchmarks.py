@@ -305,3 +305,26 @@ def test_ventricle_dark_fraction_tells_t2_contrast_from_t1_contrast(brats_dir: P
     assert ventricle_patches.dark_fraction(t1, t2, t2) == (0.0, pytest.approx(42929, rel=0.01))
     assert ventricle_patches.dark_fraction(t1, t2, t1)[0] > 0.95
     assert ventricle_patches.dark_fraction(t1, t2, np.where(t1 > 0, t1.max() - t1, 0))[0] < 0.05
+
+
+def test_error_regions_split_the_mask_and_share_the_error(brats_dir: Path) -> None:
+    """The three regions partition the real T2's mask; an error spread evenly over the mask is shared by voxel
+    count and shows as each region's bias; an error only at the edge is all the edge's."""
+    import error_regions  # noqa: E402  (a script folder, not a package)
+
+    from phmdiff_cli.io import read_volume
+    from phmdiff_cli.metrics.evaluate import auto_mask, scale_pair
+
+    real_file = read_volume(brats_dir / "TCGA-DU-7294" / "TCGA-DU-7294-t2w.nii.gz").array.astype(np.float64)
+    mask = auto_mask(real_file, "t2w")
+    real = np.where(mask, scale_pair(real_file, real_file, modality="t2w", norm="percentile").ref, 0.0)
+    parts, depth = error_regions.regions(real, mask)
+    assert sum(p.astype(int) for p in parts.values()).max() == 1 and np.array_equal(np.any(list(parts.values()), 0),
+                                                                                     mask)
+    assert depth[parts["edge"]].max() <= error_regions.EDGE_VOXELS < depth[parts["rest"]].min()
+    even = error_regions.region_scores(np.where(mask, real + 0.1, 0.0), real, parts, mask)
+    for found in even.values():
+        assert found["squared_error"] == pytest.approx(found["voxels"], abs=1e-3) and found["bias"] == 0.1
+    edge_only = error_regions.region_scores(np.where(parts["edge"], real + 0.1, real), real, parts, mask)
+    assert edge_only["edge"]["squared_error"] == 1.0 and edge_only["rest"]["squared_error"] == 0.0
+    assert edge_only["rest"]["ssim"] > edge_only["edge"]["ssim"]  # the rest's windows near the edge see it too
