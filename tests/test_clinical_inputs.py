@@ -206,6 +206,22 @@ def test_without_model_a_head_goes_to_the_heads_model(data_dir: Path, tmp_path: 
         assert Path(case["model"]).name == DEFAULT_MODEL and not any("head with skull" in n for n in case["notes"])
 
 
+def test_a_head_series_with_noisy_air_is_kept_inside_the_head(tmp_path: Path) -> None:
+    """A real 0.41 mm T1 series (skull on) whose air's noise lies above the foreground threshold: without --model
+    it goes to the heads model, and the synthetic T2 is background in the air, not a haze over the field of view."""
+    out = tmp_path / "t2.nii.gz"
+    case = _synthesize("--src", str(SERIES), "--src-modality", "t1", "--target", "t2", "-o", str(out))
+    source, synthetic = read_volume(SERIES), read_volume(out)
+    noisy = foreground_mask(source.array.astype(np.float32), "t1n")
+    assert Path(case["model"]).name == HEADS_MODEL and synthetic.same_grid(source, tol=1e-4)
+    corners = np.zeros(source.shape[1:], bool)
+    corners[:40, :40] = corners[:40, -40:] = corners[-40:, :40] = corners[-40:, -40:] = True
+    assert noisy[:, corners].mean() > 0.3 and np.all(synthetic.array[:, corners] == 0)
+    y, x = np.indices(source.shape[1:])
+    centre = (y - source.shape[1] / 2) ** 2 + (x - source.shape[2] / 2) ** 2 < 100**2  # 41 mm around the centre
+    assert (synthetic.array[:, centre] > 0).mean() > 0.99
+
+
 def test_thin_then_thicken_returns_the_thick_grid_and_values(data_dir: Path) -> None:
     """A real T1 averaged into 3 mm slices (each the mean of three 1 mm slices: what a thick slice measures), made
     thin and thick again: the exact thick grid, values within a few percent."""
@@ -218,6 +234,20 @@ def test_thin_then_thicken_returns_the_thick_grid_and_values(data_dir: Path) -> 
     assert back.same_grid(thick, tol=0)
     error = np.abs(back.array - thick.array)[thick.array > 0]
     assert float(np.mean(error)) < 0.03 * float(np.percentile(thick.array, 99))
+
+
+@pytest.mark.parametrize("step", [1.5, 2.5, 3.3])
+def test_thin_slices_reach_the_last_thick_slice(step: float) -> None:
+    """Four slices ``step`` mm apart (spans of 4.5, 7.5 and 9.9 mm, not whole millimetres): the thin stack reaches
+    the last slice, so thickening back gives every slice its values (a stack that stopped short of it returned the
+    last slice as background)."""
+    rows = np.arange(4, dtype=np.float32)[:, None, None] + 1.0
+    thick = Volume(np.broadcast_to(rows, (4, 8, 8)).copy(), (1.0, 1.0, step), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()),
+                   modality="t1n")
+    thin = thin_slices(thick, 1.0)
+    assert (thin.shape[0] - 1) * 1.0 >= 3 * step > (thin.shape[0] - 2) * 1.0
+    back = thicken_onto(thin, thick).array
+    assert np.all(back > 0.5) and np.allclose(back[:, 4, 4], rows[:, 0, 0], atol=0.5)
 
 
 def test_a_stack_longer_than_any_anatomy_is_refused_before_thinning(tmp_path: Path) -> None:

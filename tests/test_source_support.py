@@ -12,7 +12,7 @@ from scipy import ndimage
 from phmdiff_cli.data.grid import ModelGrid
 from phmdiff_cli.data.normalize import foreground_mask
 from phmdiff_cli.data.preprocess import prepare_volume
-from phmdiff_cli.engine.source_support import SUPPORT_MARGIN, confine, source_foreground
+from phmdiff_cli.engine.source_support import SUPPORT_MARGIN, confine, head_foreground, source_foreground
 from phmdiff_cli.io import read_volume
 
 VAL = "TCGA-DU-7294"
@@ -52,3 +52,15 @@ def test_a_haze_is_cut_at_the_margin_and_the_brain_kept(prepared: dict[str, np.n
     np.testing.assert_array_equal(mean[inside], hazy[inside])
     assert np.all(mean[~inside] == -1.0) and np.all(spread[~inside] == 0.0) and np.all(spread[inside] == 0.05)
     assert mean.dtype == np.float32 and confine(hazy, None, foreground)[1] is None
+
+
+def test_a_heads_support_is_the_head_not_its_noisy_air() -> None:
+    """A real T1 series with skull (4 slices, 0.41 mm, noisy air): above the foreground threshold lies most of its
+    field of view; the head's support keeps the head (its centre, ventricles included) and drops the air."""
+    series = Path(__file__).resolve().parent / "data" / "mr_t1_4slices"
+    t1 = prepare_volume(read_volume(series), ModelGrid(240, 1.0), modality="t1n").array
+    threshold, head = source_foreground([t1], ["t1n"]), source_foreground([t1], ["t1n"], head=True)
+    assert not (head & ~threshold).any() and (head_foreground([t1]) & threshold & ~head).sum() == 0
+    y, x = np.indices(t1.shape[1:])
+    centre = (y - 120) ** 2 + (x - 120) ** 2 < 50**2
+    assert head[:, centre].all() and not head[:, :20, :20].any() and (threshold & ~head).mean() > 0.25

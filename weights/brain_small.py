@@ -29,10 +29,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import SimpleITK as sitk
 
 from phmdiff_cli.engine.checkpoint import CARD_FILE, INT8_SCALE, load_model, quantize_int8, save_model
 from phmdiff_cli.engine.settings import TrainSettings, load_settings
+from phmdiff_cli.engine.source_support import head_foreground
 from phmdiff_cli.engine.train_data import load_data, training_contrast, training_domain
 from phmdiff_cli.io.atomic import atomic_path
 
@@ -292,13 +294,11 @@ def iso_grid(image: sitk.Image, mm: float = 1.0) -> sitk.Image:
 
 
 def head_mask(images: list[sitk.Image]) -> sitk.Image:
-    """The head in images of one grid (uint8, 1 inside): the largest connected component of the union of their
-    Otsu foregrounds, enclosed holes (ventricles dark on T1) filled, dilated by 2 voxels to keep the skin."""
-    union = images[0] * 0 > 1
-    for image in images:
-        union = union | sitk.OtsuThreshold(image, 0, 1)
-    largest = sitk.RelabelComponent(sitk.ConnectedComponent(union)) == 1
-    return sitk.BinaryDilate(sitk.BinaryFillhole(largest), [2] * 3)
+    """The head in images of one grid (uint8, 1 inside): ``head_foreground`` (``synthesize`` cuts a head's output
+    to the same), dilated by 2 voxels to keep the skin."""
+    head = sitk.GetImageFromArray(head_foreground([sitk.GetArrayFromImage(i) for i in images]).astype(np.uint8))
+    head.CopyInformation(images[0])
+    return sitk.BinaryDilate(head, [2] * 3)
 
 
 def prepare_heads(data: Path, out: Path = HEADS) -> Path:

@@ -8,6 +8,7 @@ grid -> canonical grid -> file units -> the original voxel axes. A subject's ima
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -145,9 +146,9 @@ def resample_onto(volume: Volume, reference: Volume, *, nearest: bool) -> Volume
 
 
 def thin_slices(volume: Volume, step_mm: float, *, nearest: bool = False) -> Volume:
-    """``volume`` on its canonical grid with axial slices ``step_mm`` apart, from its first slice to its last
-    (linear, or nearest for masks): thick slices made thin, so that the 2.5-D context of a slice holds its physical
-    neighbours. The in-plane grid is unchanged.
+    """``volume`` on its canonical grid with axial slices ``step_mm`` apart, from its first slice to its last or
+    less than ``step_mm`` past it (linear, or nearest for masks): thick slices made thin, so that the 2.5-D
+    context of a slice holds its physical neighbours. The in-plane grid is unchanged.
 
     Raises:
         InputError: the slices span more than :data:`MAX_STACK_MM` (a wrong voxel size in the header, which would
@@ -159,7 +160,9 @@ def thin_slices(volume: Volume, step_mm: float, *, nearest: bool = False) -> Vol
     if span > MAX_STACK_MM:
         raise InputError(f"{canonical.shape[0]} slices {sz:.4g} mm apart span {span:.4g} mm: no anatomy is that long",
                          path=volume.meta.get("path"), hint="check the voxel size in the header")
-    count = max(1, round(span / step_mm) + 1)
+    # Up to the last slice or just past it (never short of it: a thick slice beyond the thin ones would be
+    # sampled outside them, as background).
+    count = max(1, math.ceil(span / step_mm - 1e-6) + 1)
     reference = Volume(np.zeros((count, *canonical.shape[1:]), dtype=np.uint8), np.array([sx, sy, step_mm]),
                        canonical.origin, canonical.direction, meta=dict(volume.meta))
     thin = resample_onto(canonical, reference, nearest=nearest)

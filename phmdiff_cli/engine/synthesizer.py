@@ -343,7 +343,7 @@ class Synthesizer:
             start = time.perf_counter()
             mean = add_source_detail(mean, on_grid)
             seconds["source_detail"] = time.perf_counter() - start
-        foreground = source_foreground(on_grid, pair.sources)
+        foreground = source_foreground(on_grid, pair.sources, head=skull)
         mean, std = confine(mean, std, foreground)
         gamma = None
         if self.contrast and target in self.contrast_reference:
