@@ -32,7 +32,9 @@ Methods (``--only`` picks some):
   1 - SSIM terms of ``anchor-l1-ssim``); ``own-start`` (one level: half the samples that regression at sigma_max,
   half noised around the model's own first evaluation to sigma <= 0.5, where the sampler's second evaluation
   sits, ``second_sigma`` 0.5); ``regression-foreground-rank`` (``no-pyramid-regression``, brain-sharp's design, with
-  the sources' darkest foreground at rank -0.5: measured against ``no-pyramid-regression``).
+  the sources' darkest foreground at rank -0.5: measured against ``no-pyramid-regression``);
+  ``regression-wide-head`` (``no-pyramid-regression`` with the full-resolution UNet head 32 channels wide instead
+  of 16: more capacity where the 16-pixel tokens carry no detail; measured against ``no-pyramid-regression``).
 - baselines: ``regression-unet`` (MONAI BasicUNet, L1, one forward pass) and ``monai-ddim`` (MONAI
   DiffusionModelUNet, DDPM training, DDIM sampling), both on the evaluated pairs for B, told the pair by
   the group of input channels the source fills; ``hist-matched`` (no training, any ``--pairs``): the source
@@ -118,6 +120,7 @@ RUNS: dict[str, list[str]] = {
     "own-start": ["--levels", "1", "--config", "{work}/own-start.json"],
     "regression-foreground-rank": ["--levels", "1", "--source-norm", "foreground-rank",
                                    "--config", "{work}/regression-foreground-rank.json"],
+    "regression-wide-head": ["--levels", "1", "--config", "{work}/regression-wide-head.json"],
 }
 #: The model-config overrides (``phmdiff train --config``) that the ``{work}/NAME.json`` flags above name; the
 #: protocol's data and validation subjects, and the evaluated pairs, are added to each.
@@ -133,17 +136,18 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "regression-l1-ssim": {"model": {"diffusion": {"p_sigma_max": 1.0, "anchor_l1": 1.0, "anchor_ssim": 1.0}}},
     "own-start": {"model": {"diffusion": {"p_sigma_max": 1.0, "own_start": 0.5, "second_sigma": 0.5}}},
     "regression-foreground-rank": {"model": {"diffusion": {"p_sigma_max": 1.0}}},
+    "regression-wide-head": {"model": {"refine_channels": 32, "diffusion": {"p_sigma_max": 1.0}}},
 }
 #: Candidates are changes to the engine measured against ``phmdiff`` (issue "sharp synthesis").
 CANDIDATES = ("foreground-rank", "refine-sigma-1", "anchor-l1-ssim", "lr-5e-4", "own-coarse", "two-level-own-coarse",
-              "own-start", "regression-foreground-rank")
+              "own-start", "regression-foreground-rank", "regression-wide-head")
 ROLES = {"phmdiff": "proposed",
          **{name: "ablation" for name in RUNS if name not in ("phmdiff", "plain-dit", *CANDIDATES)},
          **dict.fromkeys(CANDIDATES, "candidate"), "plain-dit": "baseline", "monai-ddim": "baseline",
          "regression-unet": "baseline", "hist-matched": "baseline"}
 #: The PHMDiff runs at the regression UNet's learning rate: ``lr-5e-4`` and the runs measured on top of it.
 AT_5E_4 = ("lr-5e-4", "own-coarse", "two-level-own-coarse", "no-pyramid-regression", "regression-l1-ssim",
-           "own-start", "regression-foreground-rank")
+           "own-start", "regression-foreground-rank", "regression-wide-head")
 #: AdamW learning rate per trained method unless ``--lr`` says otherwise (other PHMDiff runs: the trainer's 2e-4).
 DEFAULT_LR = {**dict.fromkeys(RUNS, 2e-4), **dict.fromkeys(AT_5E_4, 5e-4), "monai-ddim": 2e-4, "regression-unet": 5e-4}
 DEFAULT_BATCH = 8  # the trainer's default, for every trained method unless ``--batch`` says otherwise

@@ -27,9 +27,9 @@ __all__ = ["SUPPORT_MARGIN", "HEAD_CLOSING", "confine", "head_foreground", "sour
 #: Voxels (model grid, 1 mm in-plane) the sources' foreground is dilated by before the output is cut to it: a
 #: partial-volume rim the thresholded foreground leaves out.
 SUPPORT_MARGIN = 2
-#: In-plane closing (voxels) of a head's Otsu foreground before its outline is filled: on the two raw clinical T1s
-#: 0.8-1.4 % of the head's interior (its foreground 10 voxels in from the outside) stays outside the outline,
-#: against 8.6-9.0 % unclosed (the skull base's sinuses and bone).
+#: In-plane closing (voxels) of a head's Otsu foreground before its outline is taken (:func:`head_foreground`): it
+#: bridges the dark skull between scalp and brain, and keeps all but 1-2 % of the two raw clinical T1s' interior
+#: (their foreground 10 voxels in from the outside) inside the outline, against 9 % unclosed (the skull base).
 HEAD_CLOSING = 6
 
 
@@ -42,25 +42,33 @@ def source_foreground(sources: Sequence[np.ndarray], modalities: Sequence[str], 
         unit = (np.asarray(array, dtype=np.float32) + 1.0) * 0.5
         low, high = CT_WINDOW_HU
         mask |= foreground_mask(unit * (high - low) + low if is_ct(modality) else unit, modality)
-    if not head:
-        return mask
-    # The head's outline, not its Otsu foreground: a T1's dark skull and CSF fall below Otsu's threshold where
-    # no bright scalp encloses them (the skull base, a thin slab), so the outline is closed in-plane and filled
-    # slice by slice, and the threshold foreground is kept inside it.
-    closed = ndimage.binary_closing(head_foreground(sources), np.ones((1, 3, 3), bool), iterations=HEAD_CLOSING)
-    return mask & np.stack([ndimage.binary_fill_holes(s) for s in closed])
+    return mask & head_foreground(sources, closing=HEAD_CLOSING) if head else mask
 
 
-def head_foreground(images: Sequence[np.ndarray]) -> np.ndarray:
+def head_foreground(images: Sequence[np.ndarray], closing: int = 0) -> np.ndarray:
     """The head in images of one grid, each ``(Z, H, W)``: the largest connected component of the union of their
     Otsu foregrounds (SimpleITK's, which separates a head from its noisy air), enclosed holes (ventricles dark on
-    T1) filled. Boolean ``(Z, H, W)``."""
+    T1) filled. Boolean ``(Z, H, W)``.
+
+    Args:
+        images: the images, any intensity scale.
+        closing: in-plane closing (voxels) of the Otsu foreground before the component is chosen, and holes then
+            filled slice by slice: the head's outline, for synthesis. A T1's dark skull and CSF fall below Otsu's
+            threshold and can part the scalp from the brain (in a slab of a few slices the brain is then the
+            largest component), and a slab encloses none of its ventricles in 3-D. 0: the training heads' cut.
+    """
     union = None
     for array in images:
         found = sitk.OtsuThreshold(sitk.GetImageFromArray(np.asarray(array, dtype=np.float32)), 0, 1)
         union = found if union is None else union | found
-    largest = sitk.RelabelComponent(sitk.ConnectedComponent(union)) == 1
-    return sitk.GetArrayFromImage(sitk.BinaryFillhole(largest)).astype(bool)
+    if closing == 0:
+        largest = sitk.RelabelComponent(sitk.ConnectedComponent(union)) == 1
+        return sitk.GetArrayFromImage(sitk.BinaryFillhole(largest)).astype(bool)
+    closed = ndimage.binary_closing(sitk.GetArrayFromImage(union).astype(bool), np.ones((1, 3, 3), bool),
+                                    iterations=closing)
+    labels, _ = ndimage.label(closed)
+    largest = labels == 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
+    return np.stack([ndimage.binary_fill_holes(s) for s in largest])
 
 
 def confine(mean: np.ndarray, std: np.ndarray | None, foreground: np.ndarray, margin: int = SUPPORT_MARGIN
