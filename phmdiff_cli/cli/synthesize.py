@@ -1,8 +1,8 @@
 """`phmdiff synthesize`: source volumes in, the missing modality out on the first source's exact grid.
 
 One case (``--src A [--src B] -o OUT``) or many (``--list FILE|-``, one case per line, ``-o`` a pattern);
-the model is loaded once. Each case is read, synthesized and written before the next is read, so memory holds
-one case.
+the model (and, without ``--model``, the one for heads) is loaded once. Each case is read, synthesized and
+written before the next is read, so memory holds one case.
 """
 
 from __future__ import annotations
@@ -352,10 +352,11 @@ def synthesize(
     [0, hi] where hi is that source's foreground 99.5th percentile (so a T2 from a T1 has the T1's range);
     from CT alone, [0, 1000].
 
-    Each source is checked against what the model was trained on (its card's input_domain): a head that is not
-    skull-stripped, slices further apart or voxels coarser than the training images' get a warning on stderr and
-    in --json ("warnings"). Slices thicker than the model's are made thin for synthesis and the output averaged
-    back onto them.
+    Without --model, a source that shows a head with skull (and no --brain-mask) goes to the model trained on
+    heads too (brain-heads), everything else to brain-sharp. Each source is checked against what the model was
+    trained on (its card's input_domain): a head that is not skull-stripped, slices further apart or voxels coarser
+    than the training images' get a warning on stderr and in --json ("warnings"). Slices thicker than the model's
+    are made thin for synthesis and the output averaged back onto them.
 
     Exit codes: 0 ok, 1 internal error, 2 bad input, 3 some cases of a --list failed (the others are written).
     """
