@@ -92,8 +92,18 @@ def l1_loss(model: nn.Module, pairs: Sequence[Pair]) -> Callable[[Batch], Tensor
     return lambda batch: F.l1_loss(model(stack(batch, pairs)), batch["target"])
 
 
-def regression_predict(model: nn.Module, pairs: Sequence[Pair]) -> Predict:
-    return lambda batch: model(stack(batch, pairs)).clamp(-1.0, 1.0)
+def regression_predict(model: nn.Module, pairs: Sequence[Pair], mirror: bool = False) -> Predict:
+    """One forward pass; with ``mirror``, averaged with the pass on the left-right mirrored slices (flipped
+    back), the test-time mirroring ``phmdiff synthesize`` applies."""
+
+    def predict(batch: Batch) -> Tensor:
+        x = stack(batch, pairs)
+        out = model(x)
+        if mirror:
+            out = 0.5 * (out + model(x.flip(-1)).flip(-1))
+        return out.clamp(-1.0, 1.0)
+
+    return predict
 
 
 # ----------------------------------------------------------------------------- conditional DDPM, DDIM sampling

@@ -34,10 +34,19 @@ Methods (``--only`` picks some):
   sits, ``second_sigma`` 0.5); ``regression-foreground-rank`` (``no-pyramid-regression``, brain-sharp's design, with
   the sources' darkest foreground at rank -0.5: measured against ``no-pyramid-regression``);
   ``regression-wide-head`` (``no-pyramid-regression`` with the full-resolution UNet head 32 channels wide instead
-  of 16: more capacity where the 16-pixel tokens carry no detail; measured against ``no-pyramid-regression``).
+  of 16: more capacity where the 16-pixel tokens carry no detail; measured against ``no-pyramid-regression``);
+  ``regression-no-masking`` (that design with no tokens masked), and on top of it ``regression-no-masking-l1``
+  (an L1 term on the prediction beside the EDM loss, weight 1: the regression UNet's loss) and two ablations,
+  ``regression-no-masking-conv-head`` (the three-convolution refinement head instead of the UNet head) and
+  ``regression-no-masking-percentile`` (percentile-scaled sources instead of their ranks);
+  ``regression-no-masking-deep-head`` (the UNet head going down 4 times instead of 2, widths 16 to 256 like the
+  regression UNet's: its receptive field, at little cost, since the added stages work at 30 and 15 px).
 - baselines: ``regression-unet`` (MONAI BasicUNet, L1, one forward pass) and ``monai-ddim`` (MONAI
   DiffusionModelUNet, DDPM training, DDIM sampling), both on the evaluated pairs for B, told the pair by
-  the group of input channels the source fills; ``hist-matched`` (no training, any ``--pairs``): the source
+  the group of input channels the source fills; ``regression-unet-finished``: the same trained UNet (trained
+  once when both are asked for) finished as ``phmdiff synthesize`` finishes brain-sharp's output: each slice
+  averaged with its left-right mirror, the sources' detail added, the contrast calibrated to the training
+  targets' ratios; ``hist-matched`` (no training, any ``--pairs``): the source
   inside its foreground, inverted where it is rank-anticorrelated with the real target (T1 -> T2), mapped by
   quantiles onto the *real* target's foreground histogram of the same subject; of several sources the most
   rank-correlated one (oracle choices a user cannot make: a strong bar).
@@ -88,7 +97,7 @@ from phmdiff_cli.engine.pretrained import load_pretrained
 from phmdiff_cli.engine.settings import load_settings
 from phmdiff_cli.engine.source_detail import add_source_detail
 from phmdiff_cli.engine.source_support import confine, source_foreground
-from phmdiff_cli.engine.train_data import load_data, slice_dataset
+from phmdiff_cli.engine.train_data import load_data, slice_dataset, training_contrast
 from phmdiff_cli.engine.trainer import run_model_config
 from phmdiff_cli.engine.validation import item_scores
 
@@ -121,6 +130,15 @@ RUNS: dict[str, list[str]] = {
     "regression-foreground-rank": ["--levels", "1", "--source-norm", "foreground-rank",
                                    "--config", "{work}/regression-foreground-rank.json"],
     "regression-wide-head": ["--levels", "1", "--config", "{work}/regression-wide-head.json"],
+    "regression-no-masking": ["--levels", "1", "--mask-ratio", "0", "--config", "{work}/regression-no-masking.json"],
+    "regression-no-masking-l1": ["--levels", "1", "--mask-ratio", "0",
+                                 "--config", "{work}/regression-no-masking-l1.json"],
+    "regression-no-masking-conv-head": ["--levels", "1", "--mask-ratio", "0",
+                                        "--config", "{work}/regression-no-masking-conv-head.json"],
+    "regression-no-masking-percentile": ["--levels", "1", "--mask-ratio", "0", "--source-norm", "percentile",
+                                         "--config", "{work}/regression-no-masking-percentile.json"],
+    "regression-no-masking-deep-head": ["--levels", "1", "--mask-ratio", "0",
+                                        "--config", "{work}/regression-no-masking-deep-head.json"],
 }
 #: The model-config overrides (``phmdiff train --config``) that the ``{work}/NAME.json`` flags above name; the
 #: protocol's data and validation subjects, and the evaluated pairs, are added to each.
@@ -137,20 +155,31 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "own-start": {"model": {"diffusion": {"p_sigma_max": 1.0, "own_start": 0.5, "second_sigma": 0.5}}},
     "regression-foreground-rank": {"model": {"diffusion": {"p_sigma_max": 1.0}}},
     "regression-wide-head": {"model": {"refine_channels": 32, "diffusion": {"p_sigma_max": 1.0}}},
+    "regression-no-masking": {"model": {"diffusion": {"p_sigma_max": 1.0}}},
+    "regression-no-masking-l1": {"model": {"diffusion": {"p_sigma_max": 1.0, "anchor_l1": 1.0}}},
+    "regression-no-masking-conv-head": {"model": {"refine_depth": 0, "refine_channels": 32,
+                                                  "diffusion": {"p_sigma_max": 1.0}}},
+    "regression-no-masking-percentile": {"model": {"diffusion": {"p_sigma_max": 1.0}}},
+    "regression-no-masking-deep-head": {"model": {"refine_depth": 4, "diffusion": {"p_sigma_max": 1.0}}},
 }
 #: Candidates are changes to the engine measured against ``phmdiff`` (issue "sharp synthesis").
 CANDIDATES = ("foreground-rank", "refine-sigma-1", "anchor-l1-ssim", "lr-5e-4", "own-coarse", "two-level-own-coarse",
-              "own-start", "regression-foreground-rank", "regression-wide-head")
+              "own-start", "regression-foreground-rank", "regression-wide-head", "regression-no-masking-l1",
+              "regression-no-masking-deep-head")
 ROLES = {"phmdiff": "proposed",
          **{name: "ablation" for name in RUNS if name not in ("phmdiff", "plain-dit", *CANDIDATES)},
          **dict.fromkeys(CANDIDATES, "candidate"), "plain-dit": "baseline", "monai-ddim": "baseline",
-         "regression-unet": "baseline", "hist-matched": "baseline"}
+         "regression-unet": "baseline", "regression-unet-finished": "baseline", "hist-matched": "baseline"}
 #: The PHMDiff runs at the regression UNet's learning rate: ``lr-5e-4`` and the runs measured on top of it.
 AT_5E_4 = ("lr-5e-4", "own-coarse", "two-level-own-coarse", "no-pyramid-regression", "regression-l1-ssim",
-           "own-start", "regression-foreground-rank", "regression-wide-head")
+           "own-start", "regression-foreground-rank", "regression-wide-head", "regression-no-masking",
+           "regression-no-masking-l1", "regression-no-masking-conv-head", "regression-no-masking-percentile",
+           "regression-no-masking-deep-head")
 #: AdamW learning rate per trained method unless ``--lr`` says otherwise (other PHMDiff runs: the trainer's 2e-4).
 DEFAULT_LR = {**dict.fromkeys(RUNS, 2e-4), **dict.fromkeys(AT_5E_4, 5e-4), "monai-ddim": 2e-4, "regression-unet": 5e-4}
 DEFAULT_BATCH = 8  # the trainer's default, for every trained method unless ``--batch`` says otherwise
+#: The baseline networks trained in this run, by name (two rows may score one network).
+TRAINED: dict[str, baselines.Trained] = {}
 
 #: A method's whole-volume synthesis: (validation slices, item) -> float32 ``(z, H, W)`` model-range volume.
 PredictVolume = Callable[[SliceDataset, int], np.ndarray]
@@ -179,6 +208,7 @@ class Slices:
     train: SliceDataset
     val: SliceDataset
     pairs: tuple[Pair, ...]
+    contrast: dict[str, float]  # the training targets' ratios, a trained PHMDiff card's ``contrast``
 
 
 def load_slices(cache: Path) -> Slices:
@@ -190,7 +220,7 @@ def load_slices(cache: Path) -> Slices:
                               "progress": False, "console": None}
     train = slice_dataset(found, found.train_ids, augment=True, **common)
     val = slice_dataset(found, found.val_ids, augment=False, **common)
-    return Slices(train, val, found.pairs)
+    return Slices(train, val, found.pairs, training_contrast(found))
 
 
 def batches(dataset: SliceDataset, size: int, seed: int) -> Any:
@@ -355,24 +385,43 @@ def train_phmdiff_runs(names: list[str], args: argparse.Namespace) -> None:
             raise RuntimeError(f"phmdiff train failed for {failed}")
 
 
+def train_network(name: str, slices: Slices, args: argparse.Namespace) -> baselines.Trained:
+    """Train the baseline network ``monai-ddim`` or ``regression-unet`` on the evaluated pairs for the budget B,
+    once per run (``regression-unet-finished`` scores the same network as ``regression-unet``)."""
+    if name not in TRAINED:
+        torch.manual_seed(args.seed)
+        context, pairs = slices.train.k * 2 + 1, slices.pairs
+        net, loss = ((baselines.ddpm_unet(context, pairs), baselines.ddpm_loss) if name == "monai-ddim" else
+                     (baselines.regression_unet(context, pairs), baselines.l1_loss))
+        TRAINED[name] = baselines.train_for(net, loss(net, pairs),
+                                            batches(slices.train, args.batch.get(name, DEFAULT_BATCH), args.seed),
+                                            minutes=args.minutes, lr=args.lr[name], warmup=args.warmup,
+                                            ema_decay=args.ema_decay, dtype=args.dtype)
+    return TRAINED[name]
+
+
 def train_baseline(name: str, slices: Slices, args: argparse.Namespace) -> Method:
-    """Train ``monai-ddim`` or ``regression-unet`` on the evaluated pairs for the budget B."""
-    torch.manual_seed(args.seed)
-    context, pairs = slices.train.k * 2 + 1, slices.pairs
-    size, lr = args.batch.get(name, DEFAULT_BATCH), args.lr[name]
+    """``monai-ddim`` or ``regression-unet`` trained on the evaluated pairs for the budget B; or
+    ``regression-unet-finished``: that UNet finished as ``phmdiff synthesize`` finishes brain-sharp's output
+    (left-right mirroring, the sources' detail, the contrast calibration to the training targets' ratios)."""
+    network = "regression-unet" if name == "regression-unet-finished" else name
+    trained, pairs = train_network(network, slices, args), slices.pairs
+    settings = {"batch": args.batch.get(network, DEFAULT_BATCH), "lr": args.lr[network],
+                "train_s": round(trained.seconds, 1), "precision": str(args.dtype)}
     if name == "monai-ddim":
-        net, loss, evals = baselines.ddpm_unet(context, pairs), baselines.ddpm_loss, args.ddim_steps
-    else:
-        net, loss, evals = baselines.regression_unet(context, pairs), baselines.l1_loss, 1
-    trained = baselines.train_for(net, loss(net, pairs), batches(slices.train, size, args.seed),
-                                  minutes=args.minutes, lr=lr, warmup=args.warmup, ema_decay=args.ema_decay,
-                                  dtype=args.dtype)
-    predict = (baselines.ddim_predict(trained.model, pairs, args.ddim_steps, args.seed)
-               if name == "monai-ddim" else baselines.regression_predict(trained.model, pairs))
-    settings = {"batch": size, "lr": lr, "train_s": round(trained.seconds, 1), "precision": str(args.dtype),
-                "sampler": f"DDIM {args.ddim_steps} steps" if name == "monai-ddim" else "one forward pass"}
-    return Method(name, by_slices(predict, args.eval_batch, args.dtype), EVAL_PAIRS, args.minutes, trained.steps,
-                  params_of(net), evals, settings)
+        predict = baselines.ddim_predict(trained.model, pairs, args.ddim_steps, args.seed)
+        settings["sampler"], evals = f"DDIM {args.ddim_steps} steps", args.ddim_steps
+        return Method(name, by_slices(predict, args.eval_batch, args.dtype), EVAL_PAIRS, args.minutes,
+                      trained.steps, params_of(trained.model), evals, settings)
+    finished = name == "regression-unet-finished"
+    predict_volume = by_slices(baselines.regression_predict(trained.model, pairs, mirror=finished),
+                               args.eval_batch, args.dtype)
+    if finished:
+        predict_volume = as_synthesized(predict_volume, slices.contrast, detail=True)
+    settings |= {"sampler": "one forward pass", "mirror": finished, "source_detail": finished,
+                 "contrast": slices.contrast if finished else False}
+    return Method(name, predict_volume, EVAL_PAIRS, args.minutes, trained.steps, params_of(trained.model),
+                  2 if finished else 1, settings)
 
 
 def build(name: str, slices: Slices, args: argparse.Namespace) -> Method:

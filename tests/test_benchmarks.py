@@ -131,6 +131,14 @@ def test_quality_trains_phmdiff_runs_on_the_evaluated_pairs_like_the_baselines(t
     assert command[command.index("--source-norm") + 1] == "foreground-rank"
     assert command[command.index("--levels") + 1] == "1" and command[command.index("--lr") + 1] == "0.0005"
     assert load_settings(tmp_path / "regression-foreground-rank.json", {}).model["diffusion"]["p_sigma_max"] == 1.0
+    # the unmasked design's runs: no token masked, each with its own change on top
+    for name in ("regression-no-masking", "regression-no-masking-conv-head", "regression-no-masking-deep-head"):
+        command = quality.train_command(name, args)
+        assert command[command.index("--mask-ratio") + 1] == "0" and command[command.index("--lr") + 1] == "0.0005"
+    one_level = {"levels": 1}  # as their --levels flag says
+    deep = build_model_config(load_settings(tmp_path / "regression-no-masking-deep-head.json", one_level), sources=1)
+    conv = build_model_config(load_settings(tmp_path / "regression-no-masking-conv-head.json", one_level), sources=1)
+    assert (deep.refine_depth, conv.refine_depth, deep.diffusion.p_sigma_max) == (4, 0, 1.0)
 
 def test_cascade_error_columns_measure_against_the_right_references() -> None:
     """Each level against the target at its own resolution; ``truth up`` is the real coarse target upsampled,
@@ -265,7 +273,7 @@ def test_quality_scores_only_the_subjects_asked_for(brats_dir: Path, tmp_path: P
     subjects = [found.subject(s) for s in ("BraTS-MET-00110-000", "TCGA-DU-7294")]
     dataset = SliceDataset(subjects, pairs, ModelGrid(240, 1.0), tmp_path)
     method = quality.Method("hist-matched", baselines.hist_matched, "t1n:t2w", None, None, 0, 0)
-    slices = quality.Slices(dataset, dataset, pairs)
+    slices = quality.Slices(dataset, dataset, pairs, {})
     assert {pair: set(rows) for pair, rows in quality.score(method, slices, ["TCGA-DU-7294"]).items()} == {
         str(pairs[0]): {"TCGA-DU-7294", "mean"}}
 
@@ -328,3 +336,43 @@ def test_error_regions_split_the_mask_and_share_the_error(brats_dir: Path) -> No
     edge_only = error_regions.region_scores(np.where(parts["edge"], real + 0.1, real), real, parts, mask)
     assert edge_only["edge"]["squared_error"] == 1.0 and edge_only["rest"]["squared_error"] == 0.0
     assert edge_only["rest"]["ssim"] > edge_only["edge"]["ssim"]  # the rest's windows near the edge see it too
+
+
+def test_finished_regression_unet_scores_the_same_network_mirrored_and_finished(
+    brats_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``regression-unet-finished`` scores the network ``regression-unet`` trained (not a second one), each
+    slice averaged with its left-right mirror (so a mirrored slice gives the mirrored output) and finished as
+    ``phmdiff synthesize`` finishes: background where the source has no signal."""
+    import baselines  # noqa: E402  (a script folder, not a package)
+    from monai.networks.nets import BasicUNet
+    from scipy.ndimage import binary_dilation
+
+    from phmdiff_cli.data.grid import ModelGrid
+    from phmdiff_cli.data.layouts import discover
+    from phmdiff_cli.data.slices import SliceDataset, parse_pairs
+    from phmdiff_cli.engine.source_support import SUPPORT_MARGIN
+
+    pairs = parse_pairs("t1n:t2w")
+    dataset = SliceDataset([discover(brats_dir).subject("TCGA-DU-7294")], pairs, ModelGrid(240, 1.0), tmp_path)
+    torch.manual_seed(0)
+    net = BasicUNet(spatial_dims=2, in_channels=3, out_channels=1, features=(4, 4, 4, 4, 4, 4)).eval()
+    monkeypatch.setattr(quality, "TRAINED", {"regression-unet": baselines.Trained(net, 7, 1.0)})
+    args = argparse.Namespace(batch={}, lr=quality.DEFAULT_LR, eval_batch=40, dtype=None, minutes=30.0)
+    slices = quality.Slices(dataset, dataset, pairs, {"t2w": 0.28})
+    raw, finished = (quality.train_baseline(n, slices, args) for n in ("regression-unet", "regression-unet-finished"))
+    assert raw.steps == finished.steps == 7 and (raw.evals, finished.evals) == (1, 2)
+
+    sample = {k: v[None] for k, v in dataset[(0, 70, 0)].items()}
+    mirrored = {**sample, "source": sample["source"].flip(-1)}
+    predict = baselines.regression_predict(net, pairs, mirror=True)
+    with torch.no_grad():
+        torch.testing.assert_close(predict(mirrored), predict(sample).flip(-1))
+        assert not torch.allclose(baselines.regression_predict(net, pairs)(mirrored).flip(-1),
+                                  baselines.regression_predict(net, pairs)(sample))
+    volume, source = finished.predict(dataset, 0), dataset.array(0, "t1n").astype(np.float32)
+    # outside the source's foreground and the margin phmdiff synthesize keeps around it (but for a few voxels of
+    # enclosed holes, which it fills): background, where the bare network paints it
+    outside = ~binary_dilation(quality.source_foreground([source], ("t1n",)), iterations=SUPPORT_MARGIN)
+    assert volume.shape == source.shape and outside.mean() > 0.5
+    assert np.mean(volume[outside] == -1) > 0.999 and np.mean(raw.predict(dataset, 0)[outside] == -1) < 0.5
