@@ -11,6 +11,8 @@ copy of a run's last model into ``weights/<name>`` with a card that names the tr
     python weights/brain_small.py all-tune # the shipped model fine-tuned on every subject (~95 min here)
     python weights/brain_small.py sharp    # the successor's engine on every subject, from scratch (75 min)
     python weights/brain_small.py sharp-extend  # resume it to 200 minutes, the LR decaying over the last 30
+    python weights/brain_small.py sharp-unmasked  # the same recipe unmasked from step 0, to brain-sharp's 11271
+                                                  # steps (~4 h here: resume it across sessions; not shipped yet)
     python weights/brain_small.py heads    # heads with skull as training subjects, in runs/heads-data (~1 min)
     python weights/brain_small.py heads-tune    # brain-sharp fine-tuned on brains and a head (45 min; not shipped)
     python weights/brain_small.py heads-skull   # the same, told whether the sources show a skull (3000 steps);
@@ -96,12 +98,20 @@ ALL_TUNE = fine_tune("weights/brain_data.json", "weights/brain-small", 95, "runs
 #: ``sharp-extend`` resumed it (92 minutes had run) to a 200-minute total, the LR decaying linearly to 0 over the
 #: last 15 % (30 minutes); a later session goes on with ``--resume --minutes N --lr-cooldown F`` (N the new total).
 SHARP_MODEL = {"diffusion": {"p_sigma_max": 1.0}, "sampling": {"sampler": "euler", "steps": [1]}}
-SHARP = [
+SHARP_RECIPE = [
     "phmdiff", "train", "--config", "runs/brain-sharp.json", "--size", "small", "--levels", "1",
     "--batch-size", "8", "--lr", "5e-4", "--ema-decay", "0.998", "--rotate", "10", "--zoom", "0.1",
-    "--minutes", "75", "--val-every", "500", "--val-slices", "8", "--checkpoint-minutes", "10",
-    "--cache-dir", "runs/cache-protocol", "--out", "runs/brain-sharp",
+    "--val-every", "500", "--val-slices", "8", "--checkpoint-minutes", "10", "--cache-dir", "runs/cache-protocol",
 ]
+SHARP = [*SHARP_RECIPE, "--minutes", "75", "--out", "runs/brain-sharp"]
+#: ``sharp-unmasked`` is brain-sharp's recipe with no token masked from step 0 (brain-sharp trained half its tokens
+#: masked for its first 4266 of 11271 steps): at 32 and 80 minutes on two pairs the unmasked network scored above
+#: the masked one alone, level once finished (benchmarks/README.md, "The regression's parts"). Its budget is
+#: brain-sharp's step count with the same LR decay over the last 15 %, on steps so that a busier machine only makes
+#: it slower; it takes about four hours on 2 cores, so a later session goes on with ``phmdiff train --resume --out
+#: runs/brain-sharp-unmasked``.
+SHARP_UNMASKED = [*SHARP_RECIPE, "--mask-ratio", "0", "--max-steps", "11271", "--lr-cooldown", "0.15",
+                  "--out", "runs/brain-sharp-unmasked"]
 #: ``heads`` writes heads with skull (issue "Real clinical scans in", part 5) as BraTS-layout subjects under
 #: ``HEADS``: the two raw clinical MS patients (T1W and T2W moved onto the FLAIR by their rigid transforms, all three
 #: resampled linearly to 1 mm on the FLAIR's field of view; OMS-raw-p04 is validation only). ``heads-tune``
@@ -143,6 +153,7 @@ STAGES = {
     "all": ALL,
     "all-tune": ALL_TUNE,
     "sharp": SHARP,
+    "sharp-unmasked": SHARP_UNMASKED,
     "sharp-extend": ["phmdiff", "train", "--resume", "--out", "runs/brain-sharp", "--minutes", "200",
                      "--lr-cooldown", "0.15", "--checkpoint-minutes", "10"],
     "heads-tune": HEADS_TUNE,
@@ -153,6 +164,7 @@ STAGES = {
 #: Stages whose ``--config`` is a data protocol plus model settings, written before they run: (config, protocol,
 #: model settings).
 STAGE_CONFIGS = {"sharp": (ROOT / "runs" / "brain-sharp.json", "brain_data.json", SHARP_MODEL),
+                 "sharp-unmasked": (ROOT / "runs" / "brain-sharp.json", "brain_data.json", SHARP_MODEL),
                  "heads-skull": (ROOT / "runs" / "brain-heads-skull.json", "brain_heads.json", SKULL_MODEL)}
 #: The data's terms, from ../shared/data/README.md: weights inherit them (``ship`` adds "validation only" to the
 #: subjects a run held out).
