@@ -105,8 +105,9 @@ SHARP_RECIPE = [
 ]
 SHARP = [*SHARP_RECIPE, "--minutes", "75", "--out", "runs/brain-sharp"]
 #: ``sharp-unmasked`` is brain-sharp's recipe with no token masked from step 0 (brain-sharp trained half its tokens
-#: masked for its first 4266 of 11271 steps): at 32 and 80 minutes on two pairs the unmasked network scored above
-#: the masked one alone, level once finished (benchmarks/README.md, "The regression's parts"). Its budget is
+#: masked for its first 4266 of 11271 steps): at 32 minutes on two pairs the unmasked network scored above the
+#: masked one alone, level once finished, and at 80 it beat the regression UNet on T1 -> T2 (benchmarks/README.md,
+#: "The regression's parts" and "At 80 minutes"). Its budget is
 #: brain-sharp's step count with the same LR decay over the last 15 %, on steps so that a busier machine only makes
 #: it slower; it takes about four hours on 2 cores, so a later session goes on with ``phmdiff train --resume --out
 #: runs/brain-sharp-unmasked``.
